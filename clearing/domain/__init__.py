@@ -1,0 +1,4 @@
+"""Pure domain: money, instruments, events, ledger rules, pricing and margin models.
+
+Nothing in this package imports SQLAlchemy, psycopg, APScheduler, typer or reads the clock.
+"""
