@@ -30,8 +30,10 @@ IMPLIED_VOL_ITERATIONS_MAX = 200
 # A premium computed elsewhere as exactly the discounted intrinsic value can land an ulp or two
 # below our own float rendering of that bound; rejecting it would be noise, not arbitrage.
 BOUND_TOLERANCE_REL = 1e-12
+STD_DEV_MIN = 1e-150
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_D1_DENSITY_MAX = 40.0
 _OPTION_TYPES = ("call", "put")
 
 
@@ -76,15 +78,16 @@ def _d1_and_std_dev(
     With s = 0 (expired, or zero volatility) the forward is deterministic: d1 is +inf in the
     money, -inf out of it and 0 at the money, which makes N(d1) the 1 / 0 / 0.5 step delta and
     the price the discounted intrinsic value without a special case downstream.
-    d1 is computed as ln(F/K)/s + s/2 so that neither F/K nor s^2 can overflow; ln(F/K)/s may
-    still overflow to +-inf for a vanishing s, which is the correct limit, hence the errstate.
+    An s below STD_DEV_MIN counts as 0: the time value (about 0.4 F s) is already lost to float
+    rounding long before, and the floor keeps ln(F/K)/s, d1^2 and gamma (1/s) from overflowing.
+    d1 is computed as ln(F/K)/s + s/2 so that neither F/K nor s^2 can overflow either.
     """
     std_dev = np.maximum(vol, 0.0) * np.sqrt(np.maximum(t_years, 0.0))
-    log_moneyness = np.log(forward) - np.log(strike)
-    has_std_dev = std_dev > 0.0
+    has_std_dev = std_dev >= STD_DEV_MIN
+    std_dev = np.where(has_std_dev, std_dev, 0.0)
     std_dev_safe = np.where(has_std_dev, std_dev, 1.0)
-    with np.errstate(over="ignore"):
-        d1_diffusive = log_moneyness / std_dev_safe + 0.5 * std_dev_safe
+    log_moneyness = np.log(forward) - np.log(strike)
+    d1_diffusive = log_moneyness / std_dev_safe + 0.5 * std_dev_safe
     d1_step = np.where(log_moneyness > 0.0, np.inf, np.where(log_moneyness < 0.0, -np.inf, 0.0))
     return np.where(has_std_dev, d1_diffusive, d1_step), std_dev
 
@@ -139,8 +142,11 @@ def black76_greeks(is_call, forward, strike, vol, t_years, rate=0.0) -> dict[str
     d1, std_dev = _d1_and_std_dev(forward_a, strike_a, vol_a, t_a)
     t_live = np.maximum(t_a, 0.0)
     discount = np.exp(-rate_a * t_live)
+    # Clipping at |d1| = 40 changes nothing (exp(-800) is already 0.0) but keeps d1^2 finite.
+    d1_clipped = np.clip(d1, -_D1_DENSITY_MAX, _D1_DENSITY_MAX)
+    density = _INV_SQRT_2PI * np.exp(-0.5 * d1_clipped * d1_clipped)
+    # Only a forward below ~1e-150, no real price, can push gamma past the float range.
     with np.errstate(over="ignore"):
-        density = _INV_SQRT_2PI * np.exp(-0.5 * d1 * d1)
         gamma_diffusive = discount * density / forward_a / np.where(std_dev > 0.0, std_dev, 1.0)
 
     price = _price(is_call_b, forward_a, strike_a, vol_a, t_a, rate_a)
@@ -148,7 +154,8 @@ def black76_greeks(is_call, forward, strike, vol, t_years, rate=0.0) -> dict[str
     price_tomorrow = _price(is_call_b, forward_a, strike_a, vol_a, t_tomorrow, rate_a)
     return {
         "price": np.asarray(price),
-        "delta": np.asarray(np.where(is_call_b, discount * ndtr(d1), -discount * ndtr(-d1))),
+        # 0.0 - x rather than -x: a worthless put's delta is 0, not -0 (which prints as "-0").
+        "delta": np.asarray(np.where(is_call_b, discount * ndtr(d1), 0.0 - discount * ndtr(-d1))),
         "gamma": np.asarray(np.where(std_dev > 0.0, gamma_diffusive, 0.0)),
         "vega": np.asarray(discount * forward_a * density * np.sqrt(t_live) * VOL_POINT),
         "theta": np.asarray(price_tomorrow - price),

@@ -98,9 +98,25 @@ def test_value_is_finite_and_within_no_arbitrage_bounds(
     # 1e-12 of slack: numpy's exp and math's exp may differ in the last bit.
     assert discount * intrinsic(option_type, forward, strike) * (1 - 1e-12) <= value.price
     assert value.price <= discount * ceiling * (1 + 1e-12)
+    assert value.price >= price(option_type, forward, strike, 0.0, t_years, rate)
     assert value.gamma >= 0 and value.vega >= 0
     if rate == 0.0:
         assert value.theta <= 0  # without carry, time passing never adds value
+
+
+def test_volatility_never_makes_an_option_worth_less_than_the_deterministic_forward():
+    # Exactly, not within a tolerance: F N(d1) - K N(d2) can round below intrinsic, and an
+    # implied volatility solver fed such a price would see an arbitrage that is not there.
+    rng = np.random.default_rng(20261227)
+    size = 100_000
+    forward = 10 ** rng.uniform(-4, 7, size)
+    strike = forward * np.exp(rng.uniform(-3, 3, size))
+    t_years = rng.uniform(0, 5, size)
+    rate = rng.uniform(-0.05, 0.5, size)
+    is_call = rng.random(size) < 0.5
+    with_vol = black76_price(is_call, forward, strike, rng.uniform(0, 2, size), t_years, rate)
+    deterministic = black76_price(is_call, forward, strike, 0.0, t_years, rate)
+    assert np.all(with_vol >= deterministic)
 
 
 # --- greeks against finite differences -------------------------------------------------------
@@ -232,6 +248,26 @@ def test_deep_in_and_out_of_the_money_options_are_intrinsic(rate, moneyness):
         assert value.vega == pytest.approx(0.0, abs=1e-12 * forward)
 
 
+@pytest.mark.parametrize(
+    "forward, vol, t_years",
+    [(1e9, 0.1, 1.0), (150.0, 0.0, 1.0), (150.0, 0.8, 0.0), (150.0, 0.8, -1.0)],
+)
+def test_a_worthless_put_reports_zeros_not_negative_zeros(forward, vol, t_years):
+    # Decimal(-0.0) renders as "-0": a screen would show a short put with a delta of -0.
+    value = black76("put", forward, 100.0, vol, t_years, rate=0.05)
+    for name in OptionValue.__annotations__:
+        assert math.copysign(1.0, getattr(value, name)) == 1.0, name
+
+
+@pytest.mark.parametrize("option_type, ceiling", [("call", 100.0), ("put", 80.0)])
+def test_absurd_volatility_prices_at_the_discounted_ceiling_without_overflow(
+    option_type, ceiling
+):
+    value = black76(option_type, 100.0, 80.0, vol=1e160, t_years=1.0, rate=0.05)
+    assert value.price == pytest.approx(math.exp(-0.05) * ceiling, rel=1e-12)
+    assert value.gamma == value.vega == 0.0
+
+
 @pytest.mark.parametrize("hours_left", [23.0, 6.0, 1.0, 1 / 60])
 def test_theta_on_the_last_day_is_the_rest_of_the_time_value(hours_left):
     t_years = hours_left / 24 / 365
@@ -355,6 +391,12 @@ def test_premium_at_intrinsic_value_implies_the_minimum_volatility():
     solved = implied_vol("put", 100.0, 120.0, 20.0 * math.exp(-0.02), 1.0, 0.02)
     assert solved == IMPLIED_VOL_MIN
     assert price("put", 100.0, 120.0, solved, 1.0, 0.02) == pytest.approx(20.0 * math.exp(-0.02))
+
+
+def test_premium_a_rounding_error_below_intrinsic_is_not_an_arbitrage():
+    lower = 20.0 * math.exp(-0.02)
+    solved = implied_vol("put", 100.0, 120.0, lower * (1 - 1e-14), 1.0, 0.02)
+    assert solved == IMPLIED_VOL_MIN
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,245 @@
+"""What the venue and the back office ask of the ledger, and `decide`: which facts follow.
+
+Each `decide_*` is pure: it is given the state it needs, raises a typed rejection, or returns
+the facts to record with their streams and idempotency keys. The keys are the venue's and
+custodians' own ids (a deposit reference, a trade id), so a command delivered twice is
+recorded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from clearing.domain.accounts import (
+    EXTERNAL,
+    FEES,
+    INSURANCE,
+    LIQUIDATION,
+    ROUNDING,
+    MarginModel,
+)
+from clearing.domain.clock import storage_time
+from clearing.domain.event import Event
+from clearing.domain.events import (
+    AccountOpened,
+    CollateralDeposited,
+    CollateralWithdrawn,
+    InstrumentListed,
+    MarkPublished,
+    TradeBusted,
+    TradeCleared,
+    TradeLeg,
+)
+from clearing.domain.instruments import UNDERLYINGS, Instrument
+from clearing.domain.ledger import Account, TradeRecord
+from clearing.domain.money import ASSETS, asset_spec, charge_rounded, payout_rounded
+from clearing.domain.postings import net_postings
+from clearing.domain.rejections import (
+    AlreadyExists,
+    InstrumentExpired,
+    InstrumentSettled,
+    InsufficientBalance,
+    Rejected,
+    SameAccountBothSides,
+    TradeAlreadyBusted,
+    TradeNotFound,
+    UnknownAccount,
+    UnknownInstrument,
+)
+
+TRADING_HOUSE_ACCOUNTS = frozenset({LIQUIDATION})
+"""House accounts that may be a side of an imported trade (closing liquidated positions)."""
+FUNDABLE_HOUSE_ACCOUNTS = frozenset({INSURANCE})
+"""House accounts that may receive deposits and make withdrawals (seeding the fund)."""
+
+
+@dataclass(frozen=True)
+class NewFact:
+    """A fact decided, ready to be recorded in its stream under its idempotency key."""
+
+    stream_id: str
+    event: Event
+    idempotency_key: str
+    effective_at: datetime
+
+
+def account_stream(account_id: str) -> str:
+    return f"account-{account_id}"
+
+
+def trade_stream(trade_id: str) -> str:
+    return f"trade-{trade_id}"
+
+
+@dataclass(frozen=True)
+class OpenAccount:
+    account_id: str
+    owner: str
+    margin_model: MarginModel
+
+
+def decide_open_account(cmd: OpenAccount, existing: Account | None,
+                        at: datetime) -> list[NewFact]:
+    if existing is not None:
+        if (existing.owner, existing.margin_model) == (cmd.owner, str(cmd.margin_model)):
+            return []
+        raise AlreadyExists("account_id", f"account {cmd.account_id!r} already exists with "
+                                          "other details", cmd.account_id)
+    event = AccountOpened(account_id=cmd.account_id, owner=cmd.owner,
+                          margin_model=cmd.margin_model)
+    return [NewFact(account_stream(cmd.account_id), event, f"account:{cmd.account_id}", at)]
+
+
+def decide_list_instrument(instrument: Instrument, existing: Instrument | None,
+                           at: datetime) -> list[NewFact]:
+    if existing is not None:
+        if existing == instrument:
+            return []
+        raise AlreadyExists("symbol", f"{instrument.symbol} is already listed with other "
+                                      "terms", instrument.symbol)
+    return [NewFact(f"instrument-{instrument.symbol}", InstrumentListed(instrument=instrument),
+                    f"instrument:{instrument.symbol}", at)]
+
+
+@dataclass(frozen=True)
+class MoveCollateral:
+    reference: str
+    account_id: str
+    asset: str
+    amount: Decimal
+    at: datetime
+
+
+def _check_collateral_account(cmd: MoveCollateral, accounts: Container[str]) -> None:
+    if cmd.account_id not in accounts and cmd.account_id not in FUNDABLE_HOUSE_ACCOUNTS:
+        raise UnknownAccount(cmd.account_id)
+    if cmd.asset not in ASSETS:
+        raise Rejected("asset", f"unknown asset {cmd.asset!r}", cmd.asset)
+    asset_spec(cmd.asset)
+
+
+def decide_deposit(cmd: MoveCollateral, accounts: Container[str]) -> list[NewFact]:
+    """Collateral arrives from outside: `ccp:external` pays, the account receives."""
+    _check_collateral_account(cmd, accounts)
+    event = CollateralDeposited(
+        account_id=cmd.account_id, asset=cmd.asset, amount=cmd.amount,
+        reference=cmd.reference,
+        postings=net_postings([(EXTERNAL, cmd.asset, -cmd.amount),
+                               (cmd.account_id, cmd.asset, cmd.amount)]),
+    )
+    return [NewFact(account_stream(cmd.account_id), event, f"deposit:{cmd.reference}", cmd.at)]
+
+
+def decide_withdrawal(cmd: MoveCollateral, accounts: Container[str],
+                      balance: Decimal) -> list[NewFact]:
+    """Collateral leaves to the outside world; never more than the account holds. (Margin
+    rules add their own limit on top, see the margin service.)"""
+    _check_collateral_account(cmd, accounts)
+    if cmd.amount > balance:
+        raise InsufficientBalance(cmd.account_id, cmd.asset, balance, cmd.amount)
+    event = CollateralWithdrawn(
+        account_id=cmd.account_id, asset=cmd.asset, amount=cmd.amount,
+        reference=cmd.reference,
+        postings=net_postings([(cmd.account_id, cmd.asset, -cmd.amount),
+                               (EXTERNAL, cmd.asset, cmd.amount)]),
+    )
+    return [NewFact(account_stream(cmd.account_id), event, f"withdrawal:{cmd.reference}",
+                    cmd.at)]
+
+
+@dataclass(frozen=True)
+class ClearTrade:
+    trade_id: str
+    legs: tuple[TradeLeg, ...]
+    at: datetime
+
+
+def decide_clear_trade(cmd: ClearTrade, accounts: Container[str],
+                       instruments: Mapping[str, Instrument]) -> list[NewFact]:
+    """Novate every leg or none: the buyer's position rises, the seller's falls; an option's
+    premium `price × quantity × multiplier` moves buyer to seller (the buyer's charge rounded
+    up, the seller's payout rounded down, the difference to `ccp:rounding`); fees go to
+    `ccp:fees`."""
+    movements: list[tuple[str, str, Decimal]] = []
+    for leg in cmd.legs:
+        for side, account_id in (("buyer", leg.buyer), ("seller", leg.seller)):
+            if account_id not in accounts and account_id not in TRADING_HOUSE_ACCOUNTS:
+                raise UnknownAccount(account_id, field=side)
+        if leg.buyer == leg.seller:
+            raise SameAccountBothSides(leg.buyer)
+        instrument = instruments.get(leg.instrument)
+        if instrument is None:
+            raise UnknownInstrument(leg.instrument)
+        if instrument.is_expired_at(cmd.at):
+            assert instrument.expiry is not None
+            raise InstrumentExpired(instrument.symbol, instrument.expiry, cmd.at)
+        asset = instrument.settlement_asset
+        for field, fee in (("buyer_fee", leg.buyer_fee), ("seller_fee", leg.seller_fee)):
+            if fee != fee.quantize(asset_spec(asset).quantum):
+                raise Rejected(field, f"has more than {asset_spec(asset).scale} decimals "
+                                      f"for {asset}", fee)
+        if instrument.is_option:
+            premium = leg.price * leg.quantity * instrument.multiplier
+            paid = charge_rounded(premium, asset)
+            received = payout_rounded(premium, asset)
+            movements += [(leg.buyer, asset, -paid), (leg.seller, asset, received),
+                          (ROUNDING, asset, paid - received)]
+        movements += [(leg.buyer, asset, -leg.buyer_fee), (leg.seller, asset, -leg.seller_fee),
+                      (FEES, asset, leg.buyer_fee + leg.seller_fee)]
+    event = TradeCleared(trade_id=cmd.trade_id, legs=cmd.legs, traded_at=cmd.at,
+                         postings=net_postings(movements))
+    return [NewFact(trade_stream(cmd.trade_id), event, f"trade:{cmd.trade_id}", cmd.at)]
+
+
+@dataclass(frozen=True)
+class BustTrade:
+    trade_id: str
+    reason: str
+    at: datetime
+
+
+def decide_bust(cmd: BustTrade, trade: TradeRecord | None, cleared: TradeCleared | None,
+                settled_instruments: Container[str]) -> list[NewFact]:
+    """Reverse a cleared trade with compensating facts: every posting negated, every leg's
+    fill undone at its price. Refused once any leg's instrument has settled: money paid out
+    at expiry cannot be called back by an edit."""
+    if trade is None or cleared is None:
+        raise TradeNotFound(cmd.trade_id)
+    if trade.busted:
+        raise TradeAlreadyBusted(cmd.trade_id)
+    for leg in cleared.legs:
+        if leg.instrument in settled_instruments:
+            raise InstrumentSettled(cmd.trade_id, leg.instrument)
+    reason = cmd.reason.strip()
+    if not reason:
+        raise Rejected("reason", "a bust needs a reason", cmd.reason)
+    event = TradeBusted(
+        trade_id=cmd.trade_id, reason=reason, legs=cleared.legs,
+        postings=net_postings((p.account_id, p.asset, -p.amount) for p in cleared.postings),
+    )
+    return [NewFact(trade_stream(cmd.trade_id), event, f"bust:{cmd.trade_id}", cmd.at)]
+
+
+@dataclass(frozen=True)
+class PublishMark:
+    symbol: str
+    price: Decimal
+    iv: Decimal | None
+    at: datetime
+
+
+def decide_mark(cmd: PublishMark, instruments: Mapping[str, Instrument]) -> list[NewFact]:
+    """An index price (symbol an underlying asset) or an instrument's mark price."""
+    instrument = instruments.get(cmd.symbol)
+    if cmd.symbol not in UNDERLYINGS and instrument is None:
+        raise Rejected("symbol", f"{cmd.symbol!r} is neither an underlying "
+                                 f"({', '.join(UNDERLYINGS)}) nor a listed instrument",
+                       cmd.symbol)
+    if cmd.iv is not None and (instrument is None or not instrument.is_option):
+        raise Rejected("iv", "implied volatility applies to options only", cmd.iv)
+    event = MarkPublished(symbol=cmd.symbol, price=cmd.price, iv=cmd.iv, marked_at=cmd.at)
+    key = f"mark:{cmd.symbol}:{storage_time(cmd.at)}"
+    return [NewFact(f"marks-{cmd.symbol}", event, key, cmd.at)]

@@ -1,0 +1,127 @@
+"""The ledger's facts, in the back office's words. Each is small, frozen and past tense.
+
+Every event that moves money carries its postings, and refuses to exist unless they sum to
+zero per asset (double entry, SPEC invariant 3).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import Field, field_validator, model_validator
+
+from clearing.domain.accounts import MarginModel
+from clearing.domain.event import Event, catalogue
+from clearing.domain.instruments import Instrument
+from clearing.domain.money import ExactDecimal
+from clearing.domain.postings import Posting, check_balanced
+from clearing.domain.clock import ensure_utc
+
+
+class MoneyMovement(Event):
+    """Base of events that move money."""
+
+    postings: tuple[Posting, ...]
+
+    @model_validator(mode="after")
+    def _balanced(self) -> MoneyMovement:
+        check_balanced(self.postings)
+        return self
+
+
+@catalogue.register
+class AccountOpened(Event):
+    type_name = "AccountOpened"
+    account_id: str
+    owner: str
+    margin_model: MarginModel
+
+
+@catalogue.register
+class InstrumentListed(Event):
+    type_name = "InstrumentListed"
+    instrument: Instrument
+
+
+@catalogue.register
+class CollateralDeposited(MoneyMovement):
+    type_name = "CollateralDeposited"
+    account_id: str
+    asset: str
+    amount: ExactDecimal = Field(gt=0)
+    reference: str
+
+
+@catalogue.register
+class CollateralWithdrawn(MoneyMovement):
+    type_name = "CollateralWithdrawn"
+    account_id: str
+    asset: str
+    amount: ExactDecimal = Field(gt=0)
+    reference: str
+
+
+class TradeLeg(Event):
+    """One leg of a cleared trade, as the venue reported it (not itself an event type)."""
+
+    leg: int = Field(ge=1)
+    instrument: str
+    buyer: str
+    seller: str
+    quantity: ExactDecimal = Field(gt=0)
+    price: ExactDecimal = Field(gt=0)
+    buyer_fee: ExactDecimal = Field(ge=0)
+    seller_fee: ExactDecimal = Field(ge=0)
+
+
+@catalogue.register
+class TradeCleared(MoneyMovement):
+    """The clearing house became buyer to the seller and seller to the buyer of every leg;
+    the postings move option premiums buyer to seller and fees to `ccp:fees`."""
+
+    type_name = "TradeCleared"
+    trade_id: str
+    legs: tuple[TradeLeg, ...] = Field(min_length=1)
+    traded_at: datetime
+
+    @field_validator("traded_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return ensure_utc(value)
+
+    @model_validator(mode="after")
+    def _legs_numbered(self) -> TradeCleared:
+        if [leg.leg for leg in self.legs] != list(range(1, len(self.legs) + 1)):
+            raise ValueError("legs must be numbered 1..n")
+        return self
+
+
+@catalogue.register
+class TradeBusted(MoneyMovement):
+    """A cleared trade reversed by compensating postings and positions; the original
+    `TradeCleared` stays in the log, untouched."""
+
+    type_name = "TradeBusted"
+    trade_id: str
+    reason: str
+    legs: tuple[TradeLeg, ...] = Field(min_length=1)
+    """The legs being reversed: each buyer's position falls and each seller's rises by the
+    leg's quantity at the leg's price, so variation margin already paid on the trade flows
+    back at the next mark-to-market, exactly."""
+
+
+@catalogue.register
+class MarkPublished(Event):
+    """A price observation: an asset's index price in USD (`BTC`) or an instrument's mark
+    price, with an option's implied volatility when known."""
+
+    type_name = "MarkPublished"
+    symbol: str
+    price: ExactDecimal = Field(gt=0)
+    iv: ExactDecimal | None = Field(default=None, ge=0)
+    marked_at: datetime
+
+    @field_validator("marked_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return ensure_utc(value)

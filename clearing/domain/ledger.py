@@ -1,0 +1,253 @@
+"""The ledger's state and `evolve`: how each fact changes balances, positions and marks.
+
+`evolve` is the only place that knows how a fact changes state. The stored projections, the
+in-memory replay behind `--as-of` and audits, and the verification of one against the other
+all run it, so they cannot drift apart. It mutates the state it is given (a fold over
+millions of events cannot afford a copy per event) and never fails on a recorded fact.
+
+A position carries its settlement basis: the sum of quantity × price of its fills since the
+last settlement, which is quantity × last settlement price after a mark-to-market. Keeping the
+basis rather than a price keeps variation margin exact: averaging prices would need division.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+from clearing.domain.event import Event
+from clearing.domain.events import (
+    AccountOpened,
+    CollateralDeposited,
+    CollateralWithdrawn,
+    InstrumentListed,
+    MarkPublished,
+    MoneyMovement,
+    TradeBusted,
+    TradeCleared,
+    TradeLeg,
+)
+from clearing.domain.instruments import Instrument
+from clearing.domain.money import informational
+
+ZERO = Decimal(0)
+
+
+class Fact(Protocol):
+    """What `evolve` needs of a recorded event: the event and where and when it sits."""
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def effective_at(self) -> datetime: ...
+
+    @property
+    def event(self) -> Event: ...
+
+
+@dataclass(frozen=True)
+class Account:
+    account_id: str
+    owner: str
+    margin_model: str
+
+
+@dataclass
+class Position:
+    quantity: Decimal = ZERO
+    average_entry_price: Decimal = ZERO
+    settlement_basis: Decimal = ZERO
+    realised_pnl: Decimal = ZERO
+
+    @property
+    def last_settlement_price(self) -> Decimal | None:
+        if self.quantity == 0:
+            return None
+        return informational(self.settlement_basis / self.quantity)
+
+
+@dataclass(frozen=True)
+class Mark:
+    price: Decimal
+    iv: Decimal | None
+    marked_at: datetime
+    position: int
+
+
+@dataclass
+class TradeRecord:
+    legs: tuple[TradeLeg, ...]
+    traded_at: datetime
+    busted: bool = False
+
+
+@dataclass(frozen=True)
+class StatementLine:
+    position: int
+    account_id: str
+    asset: str
+    effective_at: datetime
+    type: str
+    reference: str
+    amount: Decimal
+    balance: Decimal
+
+
+@dataclass
+class LedgerState:
+    """Everything the ledger's projections hold. A projection runner may load only the part a
+    batch of facts touches (see `touched`); `evolve` reads nothing else."""
+
+    accounts: dict[str, Account] = field(default_factory=dict)
+    instruments: dict[str, Instrument] = field(default_factory=dict)
+    balances: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    positions: dict[tuple[str, str], Position] = field(default_factory=dict)
+    marks: dict[str, Mark] = field(default_factory=dict)
+    trades: dict[str, TradeRecord] = field(default_factory=dict)
+    statement: list[StatementLine] = field(default_factory=list)
+
+
+@dataclass
+class Touched:
+    """The keys of state a set of facts reads or writes."""
+
+    accounts: set[str] = field(default_factory=set)
+    instruments: set[str] = field(default_factory=set)
+    balances: set[tuple[str, str]] = field(default_factory=set)
+    positions: set[tuple[str, str]] = field(default_factory=set)
+    marks: set[str] = field(default_factory=set)
+    trades: set[str] = field(default_factory=set)
+
+
+def touched(events: list[Event]) -> Touched:
+    keys = Touched()
+    for event in events:
+        if isinstance(event, MoneyMovement):
+            keys.balances.update((p.account_id, p.asset) for p in event.postings)
+        if isinstance(event, AccountOpened):
+            keys.accounts.add(event.account_id)
+        elif isinstance(event, InstrumentListed):
+            keys.instruments.add(event.instrument.symbol)
+        elif isinstance(event, TradeCleared | TradeBusted):
+            keys.trades.add(event.trade_id)
+            for leg in event.legs:
+                keys.instruments.add(leg.instrument)
+                keys.positions.add((leg.buyer, leg.instrument))
+                keys.positions.add((leg.seller, leg.instrument))
+        elif isinstance(event, MarkPublished):
+            keys.marks.add(event.symbol)
+    return keys
+
+
+def reference_of(event: Event) -> str:
+    """The back office's reference for a movement: the custodian's or the venue's id."""
+    for name in ("reference", "trade_id", "batch_id"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return str(value)
+    return ""
+
+
+def post(state: LedgerState, fact: Fact, event: MoneyMovement) -> None:
+    """Apply postings to balances and write one statement line per posting."""
+    reference = reference_of(event)
+    for p in event.postings:
+        key = (p.account_id, p.asset)
+        balance = state.balances.get(key, ZERO) + p.amount
+        state.balances[key] = balance
+        state.statement.append(
+            StatementLine(fact.position, p.account_id, p.asset, fact.effective_at,
+                          event.type_name, reference, p.amount, balance)
+        )
+
+
+def apply_fill(position: Position, quantity: Decimal, price: Decimal,
+               multiplier: Decimal) -> None:
+    """A fill of signed `quantity` at `price`: average-cost entry price and realised P&L
+    (informational), and the settlement basis (exact, drives variation margin)."""
+    old = position.quantity
+    new = old + quantity
+    position.settlement_basis += quantity * price
+    if old == 0 or (old > 0) == (quantity > 0):
+        position.average_entry_price = informational(
+            (abs(old) * position.average_entry_price + abs(quantity) * price) / abs(new)
+        )
+    else:
+        closed = min(abs(quantity), abs(old))
+        direction = 1 if old > 0 else -1
+        position.realised_pnl += closed * (price - position.average_entry_price) * direction \
+            * multiplier
+        if new == 0:
+            position.average_entry_price = ZERO
+        elif (new > 0) != (old > 0):
+            position.average_entry_price = price
+    position.quantity = new
+
+
+def _account_opened(state: LedgerState, fact: Fact, e: AccountOpened) -> None:
+    state.accounts[e.account_id] = Account(e.account_id, e.owner, str(e.margin_model))
+
+
+def _instrument_listed(state: LedgerState, fact: Fact, e: InstrumentListed) -> None:
+    state.instruments[e.instrument.symbol] = e.instrument
+
+
+def _collateral_moved(state: LedgerState, fact: Fact,
+                      e: CollateralDeposited | CollateralWithdrawn) -> None:
+    post(state, fact, e)
+
+
+def _fill_legs(state: LedgerState, legs: tuple[TradeLeg, ...], sign: int) -> None:
+    for leg in legs:
+        multiplier = state.instruments[leg.instrument].multiplier
+        for account_id, direction in ((leg.buyer, sign), (leg.seller, -sign)):
+            position = state.positions.setdefault((account_id, leg.instrument), Position())
+            apply_fill(position, leg.quantity * direction, leg.price, multiplier)
+
+
+def _trade_cleared(state: LedgerState, fact: Fact, e: TradeCleared) -> None:
+    post(state, fact, e)
+    _fill_legs(state, e.legs, 1)
+    state.trades[e.trade_id] = TradeRecord(e.legs, e.traded_at)
+
+
+def _trade_busted(state: LedgerState, fact: Fact, e: TradeBusted) -> None:
+    post(state, fact, e)
+    _fill_legs(state, e.legs, -1)
+    record = state.trades.get(e.trade_id)
+    if record is not None:
+        record.busted = True
+
+
+def _mark_published(state: LedgerState, fact: Fact, e: MarkPublished) -> None:
+    current = state.marks.get(e.symbol)
+    if current is None or (e.marked_at, fact.position) >= (current.marked_at, current.position):
+        state.marks[e.symbol] = Mark(e.price, e.iv, e.marked_at, fact.position)
+
+
+Handler = Callable[[LedgerState, Fact, Event], None]
+HANDLERS: dict[type[Event], Handler] = {
+    AccountOpened: _account_opened,  # type: ignore[dict-item]
+    InstrumentListed: _instrument_listed,  # type: ignore[dict-item]
+    CollateralDeposited: _collateral_moved,  # type: ignore[dict-item]
+    CollateralWithdrawn: _collateral_moved,  # type: ignore[dict-item]
+    TradeCleared: _trade_cleared,  # type: ignore[dict-item]
+    TradeBusted: _trade_busted,  # type: ignore[dict-item]
+    MarkPublished: _mark_published,  # type: ignore[dict-item]
+}
+
+
+def register_handler(event_type: type[Event], handler: Handler) -> None:
+    """Later parts of the ledger (jobs, risk) add how their facts change this state."""
+    HANDLERS[event_type] = handler
+
+
+def evolve(state: LedgerState, fact: Fact) -> None:
+    """Apply one recorded fact. Facts this state does not track leave it unchanged."""
+    handler = HANDLERS.get(type(fact.event))
+    if handler is not None:
+        handler(state, fact, fact.event)
