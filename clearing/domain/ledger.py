@@ -124,8 +124,13 @@ class Touched:
 
 
 def touched(events: list[Event]) -> Touched:
+    """What state `evolve` reads for these events: a projection loads exactly this."""
     keys = Touched()
     for event in events:
+        extra = TOUCHES.get(type(event))
+        if extra is not None:
+            extra(event, keys)
+            continue
         if isinstance(event, MoneyMovement):
             keys.balances.update((p.account_id, p.asset) for p in event.postings)
         if isinstance(event, AccountOpened):
@@ -133,7 +138,8 @@ def touched(events: list[Event]) -> Touched:
         elif isinstance(event, InstrumentListed):
             keys.instruments.add(event.instrument.symbol)
         elif isinstance(event, TradeCleared | TradeBusted):
-            keys.trades.add(event.trade_id)
+            if isinstance(event, TradeBusted):
+                keys.trades.add(event.trade_id)  # a new trade is written, never read
             for leg in event.legs:
                 keys.instruments.add(leg.instrument)
                 keys.positions.add((leg.buyer, leg.instrument))
@@ -241,9 +247,15 @@ HANDLERS: dict[type[Event], Handler] = {
 }
 
 
-def register_handler(event_type: type[Event], handler: Handler) -> None:
-    """Later parts of the ledger (jobs, risk) add how their facts change this state."""
+TouchRule = Callable[[Event, Touched], None]
+TOUCHES: dict[type[Event], TouchRule] = {}
+
+
+def register_handler(event_type: type[Event], handler: Handler, touches: TouchRule) -> None:
+    """Later parts of the ledger (jobs, risk) add how their facts change this state and
+    which state they read."""
     HANDLERS[event_type] = handler
+    TOUCHES[event_type] = touches
 
 
 def evolve(state: LedgerState, fact: Fact) -> None:

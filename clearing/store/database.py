@@ -53,14 +53,23 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front, so they queue on busy_timeout instead of
+        # failing when a read lock cannot be upgraded; readers never block anyone (WAL).
+        if conn.get_execution_options().get(WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+WRITE_OPTION = "clearing_write"
 
 
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """One database transaction, committed on success and rolled back on any error."""
-    with engine.begin() as conn:
-        yield conn
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One writing transaction, committed on success and rolled back on any error."""
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn:
+        with conn.begin():
+            yield conn
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -41,6 +41,7 @@ from clearing.store.errors import (
     UnknownPosition,
 )
 from clearing.store.hashchain import GENESIS_HASH, canonical_event_bytes, chain_hash
+from clearing.store.database import write_transaction
 from clearing.store.tables import events, streams
 
 ANY_VERSION = -1
@@ -160,6 +161,9 @@ class LogFilter:
     recorded_until: datetime | None = None
     types: tuple[str, ...] | None = None
     stream_id: str | None = None
+    timeless_types: tuple[str, ...] = ()
+    """Types read whatever their effective time (reference data such as listings: a trade
+    effective before an instrument's listing was recorded still needs the instrument)."""
 
 
 def utc_now() -> datetime:
@@ -195,7 +199,7 @@ class EventStore:
         while True:
             attempt += 1
             try:
-                with self.engine.begin() as conn:
+                with write_transaction(self.engine) as conn:
                     return self._append_in(conn, prepared, expected)
             except (IntegrityError, OperationalError, DBAPIError) as exc:
                 if attempt >= APPEND_RETRIES_MAX or not _is_transient(exc):
@@ -408,7 +412,10 @@ class EventStore:
                 <= tuple_(bounds.until.txid, bounds.until.position)
             )
         if bounds.effective_until is not None:
-            query = query.where(events.c.effective_at <= bounds.effective_until)
+            condition = events.c.effective_at <= bounds.effective_until
+            if bounds.timeless_types:
+                condition = condition | events.c.type.in_(bounds.timeless_types)
+            query = query.where(condition)
         if bounds.recorded_until is not None:
             query = query.where(events.c.recorded_at <= bounds.recorded_until)
         if bounds.types:

@@ -1,0 +1,1 @@
+"""The back office's tools: file imports, queries, reconciliation, replay and verification."""

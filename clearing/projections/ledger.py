@@ -1,0 +1,202 @@
+"""The ledger's stored read models, kept by the domain's `evolve`.
+
+A batch of facts is applied by loading exactly the rows they touch into a `LedgerState`,
+running `evolve` over the facts, and writing those rows back, in the transaction that moves
+the checkpoint. The tables are handed in, so a rebuild runs this same code into fresh tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Table, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from clearing.domain.events import TradeLeg
+from clearing.domain.instruments import Instrument, InstrumentKind, OptionType
+from clearing.domain.ledger import (
+    Account,
+    LedgerState,
+    Mark,
+    Position,
+    StatementLine,
+    TradeRecord,
+    evolve,
+    touched,
+)
+from clearing.domain.ledger import Fact
+from clearing.projections import tables as t
+
+KEY_CHUNK = 2_000
+Tables = Mapping[str, Table]
+
+
+class LedgerProjection:
+    """Balances, positions, statement, trades, marks, accounts and instruments."""
+
+    name = "ledger"
+    tables = t.LEDGER_TABLES
+
+    def apply(self, conn: Connection, facts: Sequence[Fact], tables: Tables) -> None:
+        keys = touched([f.event for f in facts])
+        state = load_state(conn, tables, keys)
+        for fact in facts:
+            evolve(state, fact)
+        save_state(conn, tables, state)
+
+
+def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any]) -> list[Any]:
+    keys = list(keys)
+    rows: list[Any] = []
+    for start in range(0, len(keys), KEY_CHUNK):
+        chunk = keys[start : start + KEY_CHUNK]
+        if len(columns) == 1:
+            condition = table.c[columns[0]].in_(chunk)
+        else:
+            condition = tuple_(*(table.c[c] for c in columns)).in_(chunk)
+        rows.extend(conn.execute(select(table).where(condition)))
+    return rows
+
+
+def instrument_from_row(row: Any) -> Instrument:
+    return Instrument.model_construct(
+        symbol=row.symbol, kind=InstrumentKind(row.kind), underlying=row.underlying,
+        settlement_asset=row.settlement_asset, expiry=row.expiry, strike=row.strike,
+        option_type=None if row.option_type is None else OptionType(row.option_type),
+        multiplier=row.multiplier,
+    )
+
+
+def position_from_row(row: Any) -> Position:
+    return Position(row.quantity, row.average_entry_price, row.settlement_basis,
+                    row.realised_pnl)
+
+
+def load_state(conn: Connection, tables: Tables, keys: Any) -> LedgerState:
+    state = LedgerState()
+    for row in _in(conn, tables["instruments"], ["symbol"], keys.instruments):
+        state.instruments[row.symbol] = instrument_from_row(row)
+    for row in _in(conn, tables["balances"], ["account_id", "asset"], keys.balances):
+        state.balances[(row.account_id, row.asset)] = row.balance
+    for row in _in(conn, tables["positions"], ["account_id", "instrument"], keys.positions):
+        state.positions[(row.account_id, row.instrument)] = position_from_row(row)
+    for row in _in(conn, tables["marks"], ["symbol"], keys.marks):
+        state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
+    _load_trades(state, _in(conn, tables["trade_legs"], ["trade_id"], keys.trades))
+    return state
+
+
+def _load_trades(state: LedgerState, rows: Iterable[Any]) -> None:
+    legs: dict[str, list[Any]] = {}
+    for row in rows:
+        legs.setdefault(row.trade_id, []).append(row)
+    for trade_id, trade_rows in legs.items():
+        trade_rows.sort(key=lambda r: r.leg)
+        state.trades[trade_id] = TradeRecord(
+            tuple(
+                TradeLeg.model_construct(
+                    leg=r.leg, instrument=r.instrument, buyer=r.buyer, seller=r.seller,
+                    quantity=r.quantity, price=r.price, buyer_fee=r.buyer_fee,
+                    seller_fee=r.seller_fee)
+                for r in trade_rows
+            ),
+            trade_rows[0].traded_at,
+            trade_rows[0].busted,
+        )
+
+
+def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = insert(table)
+    keys = [c.name for c in table.primary_key.columns]
+    statement = statement.on_conflict_do_update(
+        index_elements=keys,
+        set_={c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys},
+    )
+    conn.execute(statement, rows)
+
+
+def state_rows(state: LedgerState) -> dict[str, list[dict[str, Any]]]:
+    """The rows each table holds for this state: the one mapping between the two."""
+    return {
+        "accounts": [
+            {"account_id": a.account_id, "owner": a.owner, "margin_model": a.margin_model}
+            for a in state.accounts.values()
+        ],
+        "instruments": [
+            {"symbol": i.symbol, "kind": str(i.kind), "underlying": i.underlying,
+             "settlement_asset": i.settlement_asset, "expiry": i.expiry, "strike": i.strike,
+             "option_type": None if i.option_type is None else str(i.option_type),
+             "multiplier": i.multiplier}
+            for i in state.instruments.values()
+        ],
+        "balances": [
+            {"account_id": a, "asset": asset, "balance": balance}
+            for (a, asset), balance in state.balances.items()
+        ],
+        "positions": [
+            {"account_id": a, "instrument": i, "quantity": p.quantity,
+             "average_entry_price": p.average_entry_price,
+             "settlement_basis": p.settlement_basis, "realised_pnl": p.realised_pnl}
+            for (a, i), p in state.positions.items()
+        ],
+        "trade_legs": [
+            {"trade_id": trade_id, "leg": leg.leg, "instrument": leg.instrument,
+             "buyer": leg.buyer, "seller": leg.seller, "quantity": leg.quantity,
+             "price": leg.price, "buyer_fee": leg.buyer_fee, "seller_fee": leg.seller_fee,
+             "traded_at": record.traded_at, "busted": record.busted}
+            for trade_id, record in state.trades.items()
+            for leg in record.legs
+        ],
+        "marks": [
+            {"symbol": s, "price": m.price, "iv": m.iv, "marked_at": m.marked_at,
+             "position": m.position}
+            for s, m in state.marks.items()
+        ],
+        "statement": [
+            {"position": line.position, "account_id": line.account_id, "asset": line.asset,
+             "effective_at": line.effective_at, "type": line.type,
+             "reference": line.reference, "amount": line.amount, "balance": line.balance}
+            for line in state.statement
+        ],
+    }
+
+
+def save_state(conn: Connection, tables: Tables, state: LedgerState) -> None:
+    rows = state_rows(state)
+    statement_rows = rows.pop("statement")
+    for name, table_rows in rows.items():
+        _upsert(conn, tables[name], table_rows)
+    if statement_rows:
+        conn.execute(tables["statement"].insert(), statement_rows)
+
+
+def load_full_state(conn: Connection, tables: Tables) -> LedgerState:
+    """Every stored row, as a state (for comparing with a replay)."""
+    state = LedgerState()
+    for row in conn.execute(select(tables["accounts"])):
+        state.accounts[row.account_id] = Account(row.account_id, row.owner, row.margin_model)
+    for row in conn.execute(select(tables["instruments"])):
+        state.instruments[row.symbol] = instrument_from_row(row)
+    for row in conn.execute(select(tables["balances"])):
+        state.balances[(row.account_id, row.asset)] = row.balance
+    for row in conn.execute(select(tables["positions"])):
+        state.positions[(row.account_id, row.instrument)] = position_from_row(row)
+    for row in conn.execute(select(tables["marks"])):
+        state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
+    _load_trades(state, conn.execute(select(tables["trade_legs"])))
+    statement = tables["statement"]
+    for row in conn.execute(select(statement).order_by(statement.c.position,
+                                                       statement.c.account_id,
+                                                       statement.c.asset)):
+        state.statement.append(StatementLine(row.position, row.account_id, row.asset,
+                                             row.effective_at, row.type, row.reference,
+                                             row.amount, row.balance))
+    return state
+
+

@@ -1,0 +1,173 @@
+"""Keeps the read models up to date with the log, exactly once, and rebuilds them.
+
+Each projection has a checkpoint (the last fact it applied, in log order). A batch of facts is
+applied in one transaction that also moves the checkpoint, after locking the checkpoint row,
+so a crash never applies a fact twice or skips one, and two runners never apply the same
+batch. A rebuild folds every fact into fresh tables with the same code, then swaps them in
+within one transaction, so a reader sees either the old model or the new, never a half.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+from sqlalchemy import Connection, MetaData, Table, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from clearing.domain.ledger import Fact
+from clearing.projections.ledger import LedgerProjection, Tables
+from clearing.store.eventstore import START, EventStore, LogPosition, RecordedEvent
+from clearing.store.database import write_transaction
+from clearing.store.tables import checkpoints
+
+PAGE_SIZE = 5_000
+SHADOW_SUFFIX = "__rebuild"
+
+
+class Projection(Protocol):
+    name: str
+    tables: tuple[Table, ...]
+
+    def apply(self, conn: Connection, facts: Sequence[Fact], tables: Tables) -> None: ...
+
+
+def default_projections() -> list[Projection]:
+    return [LedgerProjection()]
+
+
+class ProjectionRunner:
+    def __init__(self, store: EventStore, projections: list[Projection] | None = None,
+                 page_size: int = PAGE_SIZE) -> None:
+        self.store = store
+        self.engine = store.engine
+        self.projections = projections if projections is not None else default_projections()
+        self.page_size = page_size
+
+    # ------------------------------------------------------------ live updates
+
+    def catch_up(self) -> int:
+        """Apply every fact after each projection's checkpoint; returns how many were applied."""
+        applied = 0
+        for projection in self.projections:
+            applied += self._catch_up(projection)
+        return applied
+
+    def _catch_up(self, projection: Projection) -> int:
+        tables = {t.name: t for t in projection.tables}
+        applied = 0
+        while True:
+            checkpoint = self.checkpoint(projection.name)
+            page = list(self.store.read_all(checkpoint, page_size=self.page_size,
+                                            limit=self.page_size))
+            if not page:
+                return applied
+            with write_transaction(self.engine) as conn:
+                if self._lock_checkpoint(conn, projection.name) != checkpoint:
+                    continue  # another runner applied this page meanwhile; read again
+                projection.apply(conn, page, tables)
+                self._save_checkpoint(conn, projection.name, page[-1].log_position)
+            applied += len(page)
+
+    def checkpoint(self, name: str) -> LogPosition:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(checkpoints.c.txid, checkpoints.c.position)
+                .where(checkpoints.c.name == name)
+            ).first()
+        return START if row is None else LogPosition(int(row.txid), int(row.position))
+
+    def _lock_checkpoint(self, conn: Connection, name: str) -> LogPosition:
+        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        conn.execute(insert(checkpoints).values(name=name, txid=0, position=0)
+                     .on_conflict_do_nothing(index_elements=[checkpoints.c.name]))
+        query = select(checkpoints.c.txid, checkpoints.c.position).where(
+            checkpoints.c.name == name)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = conn.execute(query).one()
+        return LogPosition(int(row.txid), int(row.position))
+
+    def _save_checkpoint(self, conn: Connection, name: str, at: LogPosition) -> None:
+        conn.execute(checkpoints.update().where(checkpoints.c.name == name)
+                     .values(txid=at.txid, position=at.position))
+
+    # ------------------------------------------------------------ rebuild
+
+    def rebuild(self) -> int:
+        """Rebuild every projection from the first fact into fresh tables, then swap."""
+        folded = 0
+        for projection in self.projections:
+            folded += self._rebuild(projection)
+        return folded
+
+    def _rebuild(self, projection: Projection) -> int:
+        with write_transaction(self.engine) as conn:
+            shadows = {t.name: _create_shadow(conn, t) for t in projection.tables}
+        position = START
+        folded = 0
+        while True:
+            page = list(self.store.read_all(position, page_size=self.page_size,
+                                            limit=self.page_size))
+            if page:
+                with write_transaction(self.engine) as conn:
+                    projection.apply(conn, page, shadows)
+                position = page[-1].log_position
+                folded += len(page)
+                continue
+            with write_transaction(self.engine) as conn:
+                self._lock_checkpoint(conn, projection.name)
+                # Facts that arrived while folding: apply them under the lock, then swap.
+                late = list(self.store.read_all(position))
+                if late:
+                    projection.apply(conn, late, shadows)
+                    position = late[-1].log_position
+                    folded += len(late)
+                for table in projection.tables:
+                    _swap(conn, table.name, shadows[table.name].name)
+                self._save_checkpoint(conn, projection.name, position)
+            return folded
+
+
+def _create_shadow(conn: Connection, table: Table) -> Table:
+    """A fresh, empty copy of `table` with the same columns, keys and indexes."""
+    shadow_name = table.name + SHADOW_SUFFIX
+    conn.execute(text(f'DROP TABLE IF EXISTS "{shadow_name}"'))
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f'CREATE TABLE "{shadow_name}" (LIKE "{table.name}" INCLUDING ALL)'))
+    else:
+        ddl = conn.execute(
+            text("SELECT type, name, sql FROM sqlite_master WHERE tbl_name = :t "
+                 "AND sql IS NOT NULL ORDER BY type DESC"),
+            {"t": table.name},
+        ).all()
+        for kind, name, sql in ddl:
+            pattern = r'^(CREATE TABLE\s+)"?' + re.escape(table.name) + r'"?'
+            if kind == "table":
+                conn.execute(text(re.sub(pattern, rf'\1"{shadow_name}"', sql, count=1)))
+            else:
+                sql = re.sub(r'^(CREATE (UNIQUE )?INDEX\s+)"?' + re.escape(name) + r'"?',
+                             rf'\1"{name}{SHADOW_SUFFIX}"', sql, count=1)
+                sql = re.sub(r'\bON\s+"?' + re.escape(table.name) + r'"?',
+                             f'ON "{shadow_name}"', sql, count=1)
+                conn.execute(text(sql))
+    return Table(shadow_name, MetaData(), *(c._copy() for c in table.columns))
+
+
+def _swap(conn: Connection, name: str, shadow: str) -> None:
+    conn.execute(text(f'DROP TABLE "{name}"'))
+    conn.execute(text(f'ALTER TABLE "{shadow}" RENAME TO "{name}"'))
+    if conn.dialect.name == "sqlite":
+        # Index names keep the shadow suffix after the rename: give them their names back.
+        indexes = conn.execute(
+            text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :t "
+                 "AND sql IS NOT NULL"), {"t": name}).all()
+        for index_name, sql in indexes:
+            if index_name.endswith(SHADOW_SUFFIX):
+                original = index_name[: -len(SHADOW_SUFFIX)]
+                conn.execute(text(f'DROP INDEX "{index_name}"'))
+                conn.execute(text(sql.replace(f'"{index_name}"', f'"{original}"', 1)))
+
+
