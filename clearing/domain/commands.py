@@ -216,11 +216,13 @@ def decide_bust(cmd: BustTrade, trade: TradeRecord | None, cleared: TradeCleared
     reason = cmd.reason.strip()
     if not reason:
         raise Rejected("reason", "a bust needs a reason", cmd.reason)
+    # A reversal cannot take effect before the trade it reverses.
+    effective_at = max(cmd.at, cleared.traded_at)
     event = TradeBusted(
         trade_id=cmd.trade_id, reason=reason, legs=cleared.legs,
         postings=net_postings((p.account_id, p.asset, -p.amount) for p in cleared.postings),
     )
-    return [NewFact(trade_stream(cmd.trade_id), event, f"bust:{cmd.trade_id}", cmd.at)]
+    return [NewFact(trade_stream(cmd.trade_id), event, f"bust:{cmd.trade_id}", effective_at)]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,369 @@
+"""The `clearing` command line: parse, call one service function, render.
+
+Exit codes (SPEC section 2): 0 ok; 1 a check or job found problems; 2 bad input, usage, or a
+refused command. Errors go to stderr and name the file, line, field and reason.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from clearing import render
+from clearing.app import Ledger
+from clearing.backoffice.csvinput import InputRejected
+from clearing.backoffice.imports import ImportKind
+from clearing.backoffice.replay import ReplayBounds
+from clearing.domain.clock import InvalidTimeError, NaiveTimeError, format_time, parse_time
+from clearing.domain.event import InvalidEventPayload, UnknownEventType
+from clearing.domain.rejections import Rejected
+from clearing.store.errors import StoreError
+
+app = typer.Typer(
+    name="clearing",
+    help="An event-sourced clearing-house ledger for crypto derivatives: every fact in an "
+         "append-only log, every balance, position and margin figure rebuilt from it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+projections_app = typer.Typer(help="The read models folded from the log.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(projections_app, name="projections")
+
+EXIT_PROBLEMS = 1
+EXIT_BAD_INPUT = 2
+
+
+def _time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except (NaiveTimeError, InvalidTimeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+Db = Annotated[str | None, typer.Option("--db", help="Database URL (default: "
+                                        "$CLEARING_DATABASE_URL or sqlite:///clearing.db).",
+                                        show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+Csv = Annotated[bool, typer.Option("--csv", help="CSV on stdout.")]
+AsOf = Annotated[str | None, typer.Option("--as-of", metavar="TIME", help="Fold only facts "
+                                          "effective at or before TIME (ISO 8601 with zone).")]
+KnownAt = Annotated[str | None, typer.Option("--known-at", metavar="TIME", help="Fold only "
+                                             "facts the ledger had recorded by TIME.")]
+Until = Annotated[int | None, typer.Option("--until", metavar="POSITION", help="Fold facts up "
+                                           "to and including the one at POSITION.")]
+Account = Annotated[str | None, typer.Option("--account", help="Only this account.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(fn: F) -> F:
+    """Turn expected rejections into a clear message on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InputRejected as exc:
+            for problem in exc.problems:
+                render.error(str(problem))
+            render.error("nothing was written")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except (Rejected, StoreError, UnknownEventType, InvalidEventPayload) as exc:
+            render.error(f"error: {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _bounds(as_of: str | None, known_at: str | None, until: int | None) -> ReplayBounds:
+    return ReplayBounds(_time(as_of), _time(known_at), until)
+
+
+@db_app.command("upgrade")
+@handles_errors
+def db_upgrade(db: Db = None) -> None:
+    """Migrate the database to the newest schema."""
+    from clearing.config import database_url
+    from clearing.store.database import create_engine_for, current_revision, upgrade
+
+    engine = create_engine_for(database_url(db))
+    upgrade(engine)
+    render.stdout.print(f"database at revision {current_revision(engine)}")
+
+
+@app.command("import")
+@handles_errors
+def import_(
+    kind: Annotated[ImportKind, typer.Argument(help="What the file holds.")],
+    file: Annotated[Path, typer.Argument(help="CSV file with a header row (SPEC section 3).")],
+    db: Db = None,
+    json_: Json = False,
+) -> None:
+    """Import a CSV file as one atomic append; re-importing the same file changes nothing."""
+    report = Ledger.open(db).import_file(kind, file)
+    if json_:
+        render.emit_json({"kind": report.kind, "file": report.file, "rows": report.rows,
+                          "facts": report.facts, "written": report.written,
+                          "already_imported": report.already_imported})
+    elif report.already_imported:
+        render.stdout.print(f"{file}: nothing written, every row was already recorded")
+    else:
+        render.stdout.print(f"{file}: {report.written} {kind} recorded "
+                            f"({report.facts - report.written} already recorded)")
+
+
+@app.command()
+@handles_errors
+def bust(
+    trade_id: Annotated[str, typer.Argument(help="The cleared trade to reverse.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit trail).")],
+    db: Db = None,
+    at: Annotated[str | None, typer.Option("--at", metavar="TIME",
+                                           help="Effective time (default now).")] = None,
+) -> None:
+    """Reverse a cleared trade with compensating events (positions, premium, fees)."""
+    result = Ledger.open(db).bust(trade_id, reason, _time(at))
+    if result.already_done:
+        render.stdout.print(f"trade {trade_id} was already busted")
+    else:
+        render.stdout.print(f"trade {trade_id} busted at position {result.positions[0]}")
+
+
+@app.command()
+@handles_errors
+def balances(db: Db = None, account: Account = None, as_of: AsOf = None,
+             known_at: KnownAt = None, until: Until = None, json_: Json = False,
+             csv_: Csv = False) -> None:
+    """Balances per account and asset (house accounts included)."""
+    from clearing.backoffice.queries import balance_rows, ledger_state
+
+    state = ledger_state(Ledger.open(db), _bounds(as_of, known_at, until), account)
+    render.emit_rows(balance_rows(state, account), ("account_id", "asset", "balance"),
+                     title="Balances", as_json=json_, as_csv=csv_, numeric=("balance",))
+
+
+@app.command()
+@handles_errors
+def positions(db: Db = None, account: Account = None, as_of: AsOf = None,
+              known_at: KnownAt = None, until: Until = None, json_: Json = False,
+              csv_: Csv = False) -> None:
+    """Open positions with mark, entry and last settlement price, P&L and greeks."""
+    from clearing.backoffice.queries import ledger_state, position_rows
+
+    ledger = Ledger.open(db)
+    bounds = _bounds(as_of, known_at, until)
+    state = ledger_state(ledger, bounds, account)
+    at = bounds.as_of or ledger.clock()
+    columns = ("account_id", "instrument", "quantity", "mark_price", "average_entry_price",
+               "last_settlement_price", "unrealised_pnl", "delta", "gamma", "vega", "theta")
+    render.emit_rows(position_rows(state, at, account), columns, title="Positions",
+                     as_json=json_, as_csv=csv_, numeric=columns[2:])
+
+
+@app.command()
+@handles_errors
+def statement(
+    account_id: Annotated[str, typer.Argument(metavar="ACCOUNT")],
+    db: Db = None,
+    start: Annotated[str | None, typer.Option("--from", metavar="TIME")] = None,
+    end: Annotated[str | None, typer.Option("--to", metavar="TIME")] = None,
+    as_of: AsOf = None, known_at: KnownAt = None, until: Until = None,
+    json_: Json = False, csv_: Csv = False,
+) -> None:
+    """Every movement of an account with its position, type, reference and running balance."""
+    from clearing.backoffice.queries import ledger_state, statement_rows
+
+    state = ledger_state(Ledger.open(db), _bounds(as_of, known_at, until), account_id,
+                         with_statement=True)
+    rows = statement_rows(state, account_id, _time(start), _time(end))
+    render.emit_rows(rows, ("position", "effective_at", "type", "reference", "asset", "amount",
+                            "balance"), title=f"Statement of {account_id}", as_json=json_,
+                     as_csv=csv_, numeric=("position", "amount", "balance"))
+
+
+@app.command()
+@handles_errors
+def events(
+    db: Db = None,
+    stream: Annotated[str | None, typer.Option("--stream", help="Only this stream.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
+    after: Annotated[int | None, typer.Option("--after", metavar="POSITION",
+                                              help="Start after this event.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1_000_000)] = 100,
+    json_: Json = False, csv_: Csv = False,
+) -> None:
+    """Inspect the log, in the order readers see it."""
+    import json
+
+    from clearing.store.eventstore import START, LogFilter
+
+    ledger = Ledger.open(db)
+    start = START if after is None else ledger.store.log_position_of(after)
+    bounds = LogFilter(types=(type_,) if type_ else None, stream_id=stream)
+    rows = [
+        {"position": r.position, "stream_id": r.stream_id, "stream_version": r.stream_version,
+         "type": r.type, "schema_version": r.schema_version,
+         "effective_at": format_time(r.effective_at), "recorded_at": format_time(r.recorded_at),
+         "idempotency_key": r.idempotency_key, "event_id": r.event_id, "hash": r.hash,
+         "metadata": r.metadata, "payload": r.event.to_payload()}
+        for r in ledger.store.read_all(start, bounds=bounds, limit=limit)
+    ]
+    if json_:
+        render.emit_json(rows)
+        return
+    flat = [{**r, "payload": json.dumps(r["payload"], sort_keys=True)} for r in rows]
+    render.emit_rows(flat, ("position", "effective_at", "stream_id", "type", "idempotency_key",
+                            "payload"), title="Events", as_json=False, as_csv=csv_)
+
+
+@app.command()
+@handles_errors
+def replay(db: Db = None, as_of: AsOf = None, known_at: KnownAt = None, until: Until = None,
+           json_: Json = False) -> None:
+    """Rebuild all state from the log in memory. Without a bound, compare it with the stored
+    read models and list every difference (exit 1 if any)."""
+    from clearing.backoffice.queries import balance_rows, position_rows
+    from clearing.backoffice.replay import differences
+    from clearing.backoffice.replay import replay as replay_state
+    from clearing.projections import tables as t
+    from clearing.projections.ledger import load_full_state
+
+    ledger = Ledger.open(db)
+    bounds = _bounds(as_of, known_at, until)
+    state = replay_state(ledger.store, bounds)
+    if not bounds.unbounded:
+        at = bounds.as_of or ledger.clock()
+        document = {"balances": balance_rows(state), "positions": position_rows(state, at)}
+        if json_:
+            render.emit_json(document)
+        else:
+            render.emit_table("Balances (replayed)", document["balances"],
+                              ("account_id", "asset", "balance"), ("balance",))
+            render.emit_table("Positions (replayed)", document["positions"],
+                              ("account_id", "instrument", "quantity", "last_settlement_price"))
+        return
+    ledger.refresh()
+    with ledger.engine.connect() as conn:
+        stored = load_full_state(conn, {x.name: x for x in t.LEDGER_TABLES})
+    found = differences(stored, state)
+    if json_:
+        render.emit_json({"differences": [
+            {"model": d.model, "key": d.key, "field": d.field, "stored": str(d.stored),
+             "replayed": str(d.replayed)} for d in found]})
+    elif found:
+        for d in found:
+            render.stdout.print(str(d), markup=False)
+    else:
+        render.stdout.print("read models equal a full replay of the log")
+    if found:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+@app.command()
+@handles_errors
+def verify(db: Db = None, json_: Json = False) -> None:
+    """Check every invariant: append-only guard, hash chain, zero sums, replay equality."""
+    from clearing.backoffice.verify import verify as run_checks
+
+    checks = run_checks(Ledger.open(db))
+    ok = all(c.ok for c in checks)
+    if json_:
+        render.emit_json({"ok": ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail}
+                                               for c in checks]})
+    else:
+        for c in checks:
+            mark = "[green]pass[/green]" if c.ok else "[red]FAIL[/red]"
+            render.stdout.print(f"{mark}  {c.name}: {c.detail}")
+        render.stdout.print("[bold green]verified[/bold green]" if ok
+                            else "[bold red]verification failed[/bold red]")
+    if not ok:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+@projections_app.command("rebuild")
+@handles_errors
+def projections_rebuild(db: Db = None) -> None:
+    """Rebuild every read model from the log into fresh tables, then swap them in."""
+    folded = Ledger.open(db).runner.rebuild()
+    render.stdout.print(f"read models rebuilt from {folded} events")
+
+
+@app.command()
+@handles_errors
+def price(
+    option_type: Annotated[str, typer.Option("--type", help="call or put")],
+    forward: Annotated[float, typer.Option("--forward", help="Forward (index) price F.")],
+    strike: Annotated[float, typer.Option("--strike", help="Strike K.")],
+    expiry: Annotated[str, typer.Option("--expiry", metavar="TIME")],
+    at: Annotated[str, typer.Option("--at", metavar="TIME", help="Valuation time.")],
+    vol: Annotated[float | None, typer.Option("--vol", help="Volatility, e.g. 0.6.")] = None,
+    premium: Annotated[float | None, typer.Option("--premium", help="Premium: solve for the "
+                                                  "implied volatility instead.")] = None,
+    rate: Annotated[float, typer.Option("--rate", help="Discount rate.")] = 0.0,
+    json_: Json = False,
+) -> None:
+    """Black-76 price and greeks; with --premium instead of --vol, the implied volatility."""
+    from clearing.domain.pricing import ImpliedVolatilityError, black76, implied_vol
+    from clearing.domain.valuation import SECONDS_PER_YEAR
+
+    if option_type not in ("call", "put"):
+        raise typer.BadParameter("must be call or put", param_hint="--type")
+    if (vol is None) == (premium is None):
+        raise typer.BadParameter("give exactly one of --vol and --premium")
+    expiry_at, valued_at = _time(expiry), _time(at)
+    assert expiry_at is not None and valued_at is not None
+    t_years = max((expiry_at - valued_at).total_seconds(), 0.0) / SECONDS_PER_YEAR
+    try:
+        if premium is not None:
+            iv = implied_vol(option_type, forward, strike, premium, t_years, rate)  # type: ignore[arg-type]
+            document: dict[str, str] = {"iv": f"{iv:.10f}"}
+        else:
+            assert vol is not None
+            value = black76(option_type, forward, strike, vol, t_years, rate)  # type: ignore[arg-type]
+            document = {k: f"{getattr(value, k):.10f}" for k in
+                        ("price", "delta", "gamma", "vega", "theta")}
+    except (ValueError, ImpliedVolatilityError) as exc:
+        render.error(f"error: {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if json_:
+        render.emit_json(document)
+    else:
+        render.emit_table("Black-76", [document], list(document), list(document))
+
+
+@app.command()
+@handles_errors
+def demo(
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: a fresh "
+                                           "SQLite file clearing-demo.db here).")] = None,
+    accounts: Annotated[int, typer.Option("--accounts", min=2, max=100_000)] = 200,
+    days: Annotated[int, typer.Option("--days", min=1, max=365)] = 7,
+    seed: Annotated[int, typer.Option("--seed")] = 7,
+    json_: Json = False,
+) -> None:
+    """The main job: a simulated market run through the whole ledger, ending with verify."""
+    from clearing.demo import run_demo
+
+    outcome = run_demo(db, accounts=accounts, days=days, seed=seed, quiet=json_)
+    if json_:
+        render.emit_json(outcome.document())
+    if not outcome.verified:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
