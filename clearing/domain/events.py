@@ -125,3 +125,55 @@ class MarkPublished(Event):
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
         return ensure_utc(value)
+
+
+@catalogue.register
+class MarginModelChanged(Event):
+    """An account moves between the standard and the portfolio margin model."""
+
+    type_name = "MarginModelChanged"
+    account_id: str
+    margin_model: MarginModel
+    previous: MarginModel
+
+
+@catalogue.register
+class RiskParametersSet(Event):
+    """One risk parameter takes a new value from this event's effective time on. `inputs`
+    records what produced it (the risk job's volatility estimate, or who set it by hand)."""
+
+    type_name = "RiskParametersSet"
+    name: str
+    underlying: str | None = None
+    value: ExactDecimal
+    previous: ExactDecimal | None = None
+    reason: str
+    inputs: dict[str, str] = Field(default_factory=dict)
+
+
+@catalogue.register
+class MarginStatusChanged(Event):
+    """An account's margin state moved (healthy, restricted, liquidating, bankrupt), with
+    the figures that moved it."""
+
+    type_name = "MarginStatusChanged"
+    account_id: str
+    previous: str
+    status: str
+    equity: ExactDecimal
+    initial: ExactDecimal
+    maintenance: ExactDecimal
+    batch_id: str
+
+
+@catalogue.register
+class MarginCallIssued(Event):
+    """Equity fell below the initial requirement: the member must restore it."""
+
+    type_name = "MarginCallIssued"
+    account_id: str
+    equity: ExactDecimal
+    initial: ExactDecimal
+    maintenance: ExactDecimal
+    shortfall: ExactDecimal
+    batch_id: str

@@ -24,14 +24,18 @@ from clearing.domain.events import (
     CollateralDeposited,
     CollateralWithdrawn,
     InstrumentListed,
+    MarginModelChanged,
+    MarginStatusChanged,
     MarkPublished,
     MoneyMovement,
+    RiskParametersSet,
     TradeBusted,
     TradeCleared,
     TradeLeg,
 )
 from clearing.domain.instruments import Instrument
 from clearing.domain.money import informational
+from clearing.domain.risk_parameters import ParameterChange
 
 ZERO = Decimal(0)
 
@@ -97,6 +101,18 @@ class StatementLine:
     balance: Decimal
 
 
+@dataclass(frozen=True)
+class MarginState:
+    """An account's margin status as last recorded, and the figures behind it."""
+
+    status: str
+    equity: Decimal
+    initial: Decimal
+    maintenance: Decimal
+    since: datetime
+    position: int
+
+
 @dataclass
 class LedgerState:
     """Everything the ledger's projections hold. A projection runner may load only the part a
@@ -109,6 +125,9 @@ class LedgerState:
     marks: dict[str, Mark] = field(default_factory=dict)
     trades: dict[str, TradeRecord] = field(default_factory=dict)
     statement: list[StatementLine] = field(default_factory=list)
+    risk_changes: dict[int, ParameterChange] = field(default_factory=dict)
+    """Every risk parameter change, by position (the history margin needs at any time)."""
+    margin_states: dict[str, MarginState] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +140,7 @@ class Touched:
     positions: set[tuple[str, str]] = field(default_factory=set)
     marks: set[str] = field(default_factory=set)
     trades: set[str] = field(default_factory=set)
+    margin_states: set[str] = field(default_factory=set)
 
 
 def touched(events: list[Event]) -> Touched:
@@ -133,8 +153,10 @@ def touched(events: list[Event]) -> Touched:
             continue
         if isinstance(event, MoneyMovement):
             keys.balances.update((p.account_id, p.asset) for p in event.postings)
-        if isinstance(event, AccountOpened):
+        if isinstance(event, AccountOpened | MarginModelChanged):
             keys.accounts.add(event.account_id)
+        elif isinstance(event, MarginStatusChanged):
+            keys.margin_states.add(event.account_id)
         elif isinstance(event, InstrumentListed):
             keys.instruments.add(event.instrument.symbol)
         elif isinstance(event, TradeCleared | TradeBusted):
@@ -229,6 +251,24 @@ def _trade_busted(state: LedgerState, fact: Fact, e: TradeBusted) -> None:
         record.busted = True
 
 
+def _margin_model_changed(state: LedgerState, fact: Fact, e: MarginModelChanged) -> None:
+    account = state.accounts.get(e.account_id)
+    if account is not None:
+        state.accounts[e.account_id] = Account(account.account_id, account.owner,
+                                               str(e.margin_model))
+
+
+def _risk_parameters_set(state: LedgerState, fact: Fact, e: RiskParametersSet) -> None:
+    state.risk_changes[fact.position] = ParameterChange(e.name, e.underlying, e.value,
+                                                        fact.effective_at, fact.position)
+
+
+def _margin_status_changed(state: LedgerState, fact: Fact, e: MarginStatusChanged) -> None:
+    state.margin_states[e.account_id] = MarginState(e.status, e.equity, e.initial,
+                                                    e.maintenance, fact.effective_at,
+                                                    fact.position)
+
+
 def _mark_published(state: LedgerState, fact: Fact, e: MarkPublished) -> None:
     current = state.marks.get(e.symbol)
     if current is None or (e.marked_at, fact.position) >= (current.marked_at, current.position):
@@ -244,6 +284,9 @@ HANDLERS: dict[type[Event], Handler] = {
     TradeCleared: _trade_cleared,  # type: ignore[dict-item]
     TradeBusted: _trade_busted,  # type: ignore[dict-item]
     MarkPublished: _mark_published,  # type: ignore[dict-item]
+    MarginModelChanged: _margin_model_changed,  # type: ignore[dict-item]
+    RiskParametersSet: _risk_parameters_set,  # type: ignore[dict-item]
+    MarginStatusChanged: _margin_status_changed,  # type: ignore[dict-item]
 }
 
 

@@ -20,6 +20,7 @@ from clearing.domain.instruments import Instrument, InstrumentKind, OptionType
 from clearing.domain.ledger import (
     Account,
     LedgerState,
+    MarginState,
     Mark,
     Position,
     StatementLine,
@@ -28,6 +29,7 @@ from clearing.domain.ledger import (
     touched,
 )
 from clearing.domain.ledger import Fact
+from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
 
 KEY_CHUNK = 2_000
@@ -75,8 +77,21 @@ def position_from_row(row: Any) -> Position:
                     row.realised_pnl)
 
 
+def margin_state_from_row(row: Any) -> MarginState:
+    return MarginState(row.status, row.equity, row.initial, row.maintenance, row.since,
+                       row.position)
+
+
+def change_from_row(row: Any) -> ParameterChange:
+    return ParameterChange(row.name, row.underlying, row.value, row.effective_at, row.position)
+
+
 def load_state(conn: Connection, tables: Tables, keys: Any) -> LedgerState:
     state = LedgerState()
+    for row in _in(conn, tables["accounts"], ["account_id"], keys.accounts):
+        state.accounts[row.account_id] = Account(row.account_id, row.owner, row.margin_model)
+    for row in _in(conn, tables["margin_states"], ["account_id"], keys.margin_states):
+        state.margin_states[row.account_id] = margin_state_from_row(row)
     for row in _in(conn, tables["instruments"], ["symbol"], keys.instruments):
         state.instruments[row.symbol] = instrument_from_row(row)
     for row in _in(conn, tables["balances"], ["account_id", "asset"], keys.balances):
@@ -158,6 +173,16 @@ def state_rows(state: LedgerState) -> dict[str, list[dict[str, Any]]]:
              "position": m.position}
             for s, m in state.marks.items()
         ],
+        "risk_parameter_changes": [
+            {"position": c.position, "name": c.name, "underlying": c.underlying,
+             "value": c.value, "effective_at": c.effective_at}
+            for c in state.risk_changes.values()
+        ],
+        "margin_states": [
+            {"account_id": a, "status": m.status, "equity": m.equity, "initial": m.initial,
+             "maintenance": m.maintenance, "since": m.since, "position": m.position}
+            for a, m in state.margin_states.items()
+        ],
         "statement": [
             {"position": line.position, "account_id": line.account_id, "asset": line.asset,
              "effective_at": line.effective_at, "type": line.type,
@@ -190,6 +215,10 @@ def load_full_state(conn: Connection, tables: Tables) -> LedgerState:
     for row in conn.execute(select(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     _load_trades(state, conn.execute(select(tables["trade_legs"])))
+    for row in conn.execute(select(tables["risk_parameter_changes"])):
+        state.risk_changes[row.position] = change_from_row(row)
+    for row in conn.execute(select(tables["margin_states"])):
+        state.margin_states[row.account_id] = margin_state_from_row(row)
     statement = tables["statement"]
     for row in conn.execute(select(statement).order_by(statement.c.position,
                                                        statement.c.account_id,

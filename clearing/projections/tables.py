@@ -75,4 +75,24 @@ marks = Table(
     Column("position", BigInteger, nullable=False),
 )
 
-LEDGER_TABLES = (accounts, instruments, balances, positions, statement, trade_legs, marks)
+risk_parameter_changes = Table(
+    "risk_parameter_changes", metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("underlying", Text, nullable=True),
+    Column("value", ExactDecimal, nullable=False),
+    Column("effective_at", UtcTimestamp, nullable=False),
+)
+margin_states = Table(
+    "margin_states", metadata,
+    Column("account_id", Text, primary_key=True),
+    Column("status", Text, nullable=False),
+    Column("equity", ExactDecimal, nullable=False),
+    Column("initial", ExactDecimal, nullable=False),
+    Column("maintenance", ExactDecimal, nullable=False),
+    Column("since", UtcTimestamp, nullable=False),
+    Column("position", BigInteger, nullable=False),
+)
+
+LEDGER_TABLES = (accounts, instruments, balances, positions, statement, trade_legs, marks,
+                 risk_parameter_changes, margin_states)
