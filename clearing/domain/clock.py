@@ -57,4 +57,11 @@ def format_time(value: datetime) -> str:
 
 def storage_time(value: datetime) -> str:
     """Fixed-width UTC text whose lexical order is time order (SQLite storage, hashing)."""
-    return ensure_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if value.tzinfo is not UTC:
+        value = ensure_utc(value)
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def from_storage_time(text: str) -> datetime:
+    """The inverse of `storage_time`."""
+    return datetime.fromisoformat(text)

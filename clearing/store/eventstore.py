@@ -7,31 +7,42 @@ other content is refused. Nothing is written when any check fails.
 
 Reading never skips an event, even on PostgreSQL where transactions commit out of sequence
 order. Each event records the id of the transaction that wrote it; readers order the log by
-(txid, position) and only read transactions older than the oldest one still in flight
-(`pg_snapshot_xmin`). A transaction that commits late therefore becomes visible only once
-nothing older can still appear, and always after everything a reader has already seen. Stream
-locks are advisory locks taken before the transaction's first write, so a writer that waited
-for a stream gets a later txid than the writer it waited for, and stream versions follow the
-log order.
+(txid, position) and only read transactions older than the oldest event writer still in
+flight. A transaction that commits late therefore becomes visible only once nothing older can
+still appear, and always after everything a reader has already seen.
+
+Which transactions are event writers: every append first takes a shared advisory lock keyed by
+its backend, before its transaction has an id. A reader takes its snapshot, then looks up the
+in-flight transactions of backends holding that lock; the oldest of them (or the snapshot's
+xmax when there is none) bounds the read. An unrelated long transaction elsewhere on the
+server (an analyst's open session) therefore does not hold readers back, as a bound on
+`pg_snapshot_xmin` would. Stream locks are advisory locks taken before the transaction's
+first write too, so a writer that waited for a stream gets a later txid than the writer it
+waited for, and stream versions follow the log order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select, text, tuple_
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from pydantic import ValidationError
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from clearing.domain.clock import ensure_utc
-from clearing.domain.event import Event, EventCatalogue, canonical_json, catalogue
+from clearing.domain.clock import ensure_utc, from_storage_time, storage_time
+from clearing.domain.event import (
+    Event,
+    EventCatalogue,
+    InvalidEventPayload,
+    canonical_json,
+    catalogue,
+)
 from clearing.store.errors import (
     ConcurrencyConflict,
     DuplicateKeyInAppend,
@@ -40,7 +51,7 @@ from clearing.store.errors import (
     PayloadTooLarge,
     UnknownPosition,
 )
-from clearing.store.hashchain import GENESIS_HASH, canonical_event_bytes, chain_hash
+from clearing.store.hashchain import GENESIS_HASH, chain_hash, envelope_bytes
 from clearing.store.database import write_transaction
 from clearing.store.tables import events, streams
 
@@ -57,8 +68,21 @@ LOCK_BUCKETS = 1_024
 """Stream locks are hashed into this many advisory locks, so one large append holds a
 bounded number of locks whatever its number of streams."""
 LOCK_NAMESPACE = 0x434C  # "CL": keeps the store's advisory locks apart from the scheduler's
+WRITER_NAMESPACE = 0x434D  # "CM": held (shared) by every appending transaction
+_READ_BOUND_SQL = """
+WITH snap AS (SELECT pg_current_snapshot() AS s),
+writers AS (
+    SELECT a.backend_xid::text::bigint AS xid32
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objsubid = 2 AND l.granted
+      AND a.backend_xid IS NOT NULL
+)
+SELECT coalesce(
+    (SELECT min(x::text::bigint) FROM snap, pg_snapshot_xip(snap.s) AS x
+     WHERE x::text::bigint %% 4294967296 IN (SELECT xid32 FROM writers)),
+    (SELECT pg_snapshot_xmax(s)::text::bigint FROM snap))
+"""
 KEY_CHUNK = 900
-EVENT_NAMESPACE = uuid.UUID("5b0f4f1e-6c1a-4a53-9d1e-2f6c9e0c1a77")
 
 
 @dataclass(frozen=True, order=True)
@@ -101,27 +125,69 @@ class PendingEvent:
         return cls(stream_id, event, idempotency_key, effective_at, dict(metadata or {}))
 
 
-@dataclass(frozen=True)
 class RecordedEvent:
-    """An event as stored, with its envelope."""
+    """An event as stored, with its envelope. The typed event and the metadata are decoded
+    on first use: a fold that reads a million facts pays for exactly what it touches."""
 
-    position: int
-    txid: int
-    stream_id: str
-    stream_version: int
-    event_id: str
-    type: str
-    schema_version: int
-    event: Event
-    metadata: dict[str, Any]
-    effective_at: datetime
-    recorded_at: datetime
-    idempotency_key: str
-    hash: str
+    __slots__ = ("position", "txid", "stream_id", "stream_version", "event_id", "type",
+                 "schema_version", "payload", "_metadata", "effective_at", "recorded_at",
+                 "idempotency_key", "hash", "_event", "_catalogue")
+
+    def __init__(self, position: int, txid: int, stream_id: str, stream_version: int,
+                 event_id: str, type: str, schema_version: int, payload: str, metadata: str,
+                 effective_at: datetime, recorded_at: datetime, idempotency_key: str,
+                 hash: str, event_catalogue: EventCatalogue) -> None:
+        self.position = position
+        self.txid = txid
+        self.stream_id = stream_id
+        self.stream_version = stream_version
+        self.event_id = event_id
+        self.type = type
+        self.schema_version = schema_version
+        self.payload = payload
+        self._metadata: Any = metadata
+        self.effective_at = effective_at
+        self.recorded_at = recorded_at
+        self.idempotency_key = idempotency_key
+        self.hash = hash
+        self._event: Event | None = None
+        self._catalogue = event_catalogue
+
+    @property
+    def event(self) -> Event:
+        """The typed event, upcast from an older schema version when needed."""
+        if self._event is None:
+            model = self._catalogue.model(self.type)
+            if self.schema_version == model.schema_version:
+                try:
+                    self._event = model.model_validate_json(self.payload)
+                except ValidationError as exc:
+                    raise InvalidEventPayload(self.type, exc.errors()) from None
+            else:
+                self._event = self._catalogue.decode(self.type, self.schema_version,
+                                                     json.loads(self.payload))
+        return self._event
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        if isinstance(self._metadata, str):
+            self._metadata = json.loads(self._metadata)
+        return self._metadata  # type: ignore[no-any-return]
 
     @property
     def log_position(self) -> LogPosition:
         return LogPosition(self.txid, self.position)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RecordedEvent) and (self.position, self.hash) == (
+            other.position, other.hash)
+
+    def __hash__(self) -> int:
+        return hash((self.position, self.hash))
+
+    def __repr__(self) -> str:
+        return (f"RecordedEvent(position={self.position}, stream={self.stream_id!r} "
+                f"v{self.stream_version}, type={self.type!r})")
 
 
 @dataclass(frozen=True)
@@ -195,15 +261,20 @@ class EventStore:
         """Append atomically; see the module docstring for the guarantees."""
         prepared = self._prepare(pending)
         expected = dict(expected_versions or {})
+        # Optimistic first: the unique index on idempotency keys is the durable check, so an
+        # append of new facts skips looking them up; a collision rolls back, and the retry
+        # looks every key up and writes only what is new.
+        check_keys = False
         attempt = 0
         while True:
             attempt += 1
             try:
                 with write_transaction(self.engine) as conn:
-                    return self._append_in(conn, prepared, expected)
+                    return self._append_in(conn, prepared, expected, check_keys)
             except (IntegrityError, OperationalError, DBAPIError) as exc:
                 if attempt >= APPEND_RETRIES_MAX or not _is_transient(exc):
                     raise
+                check_keys = True
 
     def _prepare(self, pending: Sequence[PendingEvent]) -> list[_Prepared]:
         if not pending:
@@ -215,7 +286,7 @@ class EventStore:
             if item.idempotency_key in seen:
                 raise DuplicateKeyInAppend(item.idempotency_key, index)
             seen.add(item.idempotency_key)
-            payload = canonical_json(item.event.to_payload())
+            payload = item.event.model_dump_json()
             size = len(payload.encode("utf-8"))
             if size > PAYLOAD_BYTES_MAX:
                 raise PayloadTooLarge(index, size, PAYLOAD_BYTES_MAX)
@@ -234,13 +305,16 @@ class EventStore:
         return prepared
 
     def _append_in(
-        self, conn: Connection, prepared: list[_Prepared], expected: dict[str, int]
+        self, conn: Connection, prepared: list[_Prepared], expected: dict[str, int],
+        check_keys: bool = True,
     ) -> AppendResult:
+        db = _driver(conn)
         stream_ids = sorted({p.stream_id for p in prepared} | set(expected))
         if self.is_postgresql:
-            self._lock_streams(conn, stream_ids)
+            self._lock_streams(db, stream_ids)
         positions: list[int | None] = [None] * len(prepared)
-        existing = self._existing_keys(conn, [p.idempotency_key for p in prepared])
+        existing = (self._existing_keys(db, [p.idempotency_key for p in prepared])
+                    if check_keys or not self.is_postgresql else {})
         fresh: list[_Prepared] = []
         for p in prepared:
             found = existing.get(p.idempotency_key)
@@ -254,7 +328,7 @@ class EventStore:
         if not fresh:
             return AppendResult(tuple(int(x) for x in positions if x is not None), 0)
 
-        heads = self._stream_heads(conn, stream_ids)
+        heads = self._stream_heads(db, stream_ids)
         for stream_id, version in expected.items():
             if version == ANY_VERSION:
                 continue
@@ -263,8 +337,10 @@ class EventStore:
                 raise ConcurrencyConflict(stream_id, version, actual)
 
         recorded_at = self.clock()
-        txid = self._next_txid(conn)
-        new_positions = self._allocate_positions(conn, len(fresh))
+        if recorded_at.tzinfo is not UTC:
+            recorded_at = ensure_utc(recorded_at)
+        new_positions = self._allocate_positions(db, len(fresh))
+        recorded_text = storage_time(recorded_at)
         rows = []
         new_heads: dict[str, tuple[int, str]] = {}
         for p, position in zip(fresh, new_positions, strict=True):
@@ -272,107 +348,102 @@ class EventStore:
                 p.stream_id, (0, GENESIS_HASH)
             )
             version += 1
-            event_id = str(uuid.uuid5(EVENT_NAMESPACE, p.idempotency_key))
-            digest = chain_hash(
-                previous_hash,
-                canonical_event_bytes(
-                    stream_id=p.stream_id,
-                    stream_version=version,
-                    event_id=event_id,
-                    type_name=p.type_name,
-                    schema_version=p.schema_version,
-                    payload=p.payload,
-                    metadata=p.metadata,
-                    effective_at=p.effective_at,
-                    recorded_at=recorded_at,
-                    idempotency_key=p.idempotency_key,
-                ),
-            )
+            event_id = event_id_for(position, p.idempotency_key)
+            digest = chain_hash(previous_hash, envelope_bytes(
+                p.stream_id, version, event_id, p.type_name, p.schema_version, p.payload,
+                p.metadata, storage_time(p.effective_at), recorded_text, p.idempotency_key))
             new_heads[p.stream_id] = (version, digest)
-            row = {
-                "position": position,
-                "stream_id": p.stream_id,
-                "stream_version": version,
-                "event_id": event_id,
-                "type": p.type_name,
-                "schema_version": p.schema_version,
-                "payload": p.payload,
-                "meta": p.metadata,
-                "effective_at": p.effective_at,
-                "recorded_at": recorded_at,
-                "idempotency_key": p.idempotency_key,
-                "hash": digest,
-            }
-            if txid is not None:
-                row["txid"] = txid
-            rows.append(row)
+            rows.append((position, p.stream_id, version, event_id, p.type_name,
+                         p.schema_version, p.payload, p.metadata, p.effective_at, recorded_at,
+                         p.idempotency_key, digest))
             positions[p.index] = position
-        conn.execute(events.insert(), rows)
-        self._save_heads(conn, new_heads)
+        if self.is_postgresql:
+            _copy_events(db, rows)
+        else:
+            txid = self._next_sqlite_txid(db)
+            _insert_sqlite_events(db, rows, txid)
+        self._save_heads(db, new_heads)
         return AppendResult(tuple(int(x) for x in positions if x is not None), len(fresh))
 
-    def _lock_streams(self, conn: Connection, stream_ids: list[str]) -> None:
+    def _lock_streams(self, db: Any, stream_ids: list[str]) -> None:
         buckets = sorted({zlib.crc32(s.encode("utf-8")) % LOCK_BUCKETS for s in stream_ids})
-        conn.execute(
-            text(
-                "SELECT count(pg_advisory_xact_lock(:ns, b)) FROM "
-                "(SELECT b FROM unnest(CAST(:buckets AS integer[])) AS b ORDER BY b) AS ordered"
-            ),
-            {"ns": LOCK_NAMESPACE, "buckets": buckets},
-        )
+        with db.cursor() as cur:
+            # First, before this transaction has an id: mark it as an event writer.
+            cur.execute("SELECT pg_advisory_xact_lock_shared(%s, pg_backend_pid())",
+                        (WRITER_NAMESPACE,))
+            cur.execute(
+                "SELECT count(pg_advisory_xact_lock(%s, b)) FROM "
+                "(SELECT b FROM unnest(%s::integer[]) AS b ORDER BY b) AS ordered",
+                (LOCK_NAMESPACE, buckets),
+            )
 
-    def _existing_keys(
-        self, conn: Connection, keys: list[str]
-    ) -> dict[str, tuple[int, str, str, str]]:
+    def _existing_keys(self, db: Any, keys: list[str]) -> dict[str, tuple[int, str, str, str]]:
         found: dict[str, tuple[int, str, str, str]] = {}
-        columns = (events.c.idempotency_key, events.c.position, events.c.stream_id,
-                   events.c.type, events.c.payload)
-        for chunk in _chunks(keys, KEY_CHUNK if not self.is_postgresql else 20_000):
-            query = select(*columns).where(events.c.idempotency_key.in_(chunk))
-            for row in conn.execute(query):
-                found[row.idempotency_key] = (row.position, row.stream_id, row.type, row.payload)
+        columns = "idempotency_key, position, stream_id, type, payload"
+        cur = db.cursor()
+        try:
+            if self.is_postgresql:
+                cur.execute(f"SELECT {columns} FROM events WHERE idempotency_key = ANY(%s)",
+                            (keys,))
+                rows = cur.fetchall()
+            else:
+                rows = []
+                for chunk in _chunks(keys, KEY_CHUNK):
+                    marks = ",".join("?" * len(chunk))
+                    cur.execute(f"SELECT {columns} FROM events WHERE idempotency_key IN "
+                                f"({marks})", tuple(chunk))
+                    rows.extend(cur.fetchall())
+        finally:
+            cur.close()
+        for key, position, stream_id, type_name, payload in rows:
+            found[key] = (position, stream_id, type_name, payload)
         return found
 
-    def _stream_heads(self, conn: Connection, stream_ids: list[str]) -> dict[str, tuple[int, str]]:
-        heads: dict[str, tuple[int, str]] = {}
-        for chunk in _chunks(stream_ids, KEY_CHUNK if not self.is_postgresql else 20_000):
-            query = select(streams.c.stream_id, streams.c.version, streams.c.last_hash).where(
-                streams.c.stream_id.in_(chunk)
-            )
-            for row in conn.execute(query):
-                heads[row.stream_id] = (row.version, row.last_hash)
-        return heads
+    def _stream_heads(self, db: Any, stream_ids: list[str]) -> dict[str, tuple[int, str]]:
+        cur = db.cursor()
+        try:
+            if self.is_postgresql:
+                cur.execute("SELECT stream_id, version, last_hash FROM streams "
+                            "WHERE stream_id = ANY(%s)", (stream_ids,))
+                rows = cur.fetchall()
+            else:
+                rows = []
+                for chunk in _chunks(stream_ids, KEY_CHUNK):
+                    marks = ",".join("?" * len(chunk))
+                    cur.execute("SELECT stream_id, version, last_hash FROM streams WHERE "
+                                f"stream_id IN ({marks})", tuple(chunk))
+                    rows.extend(cur.fetchall())
+        finally:
+            cur.close()
+        return {stream_id: (version, last_hash) for stream_id, version, last_hash in rows}
 
-    def _next_txid(self, conn: Connection) -> int | None:
-        if self.is_postgresql:
-            return None  # the column default records pg_current_xact_id()
-        return int(conn.execute(select(func.coalesce(func.max(events.c.txid), 0))).scalar_one()) + 1
+    def _next_sqlite_txid(self, db: Any) -> int:
+        cur = db.execute("SELECT coalesce(max(txid), 0) + 1 FROM events")
+        return int(cur.fetchone()[0])
 
-    def _allocate_positions(self, conn: Connection, count: int) -> list[int]:
+    def _allocate_positions(self, db: Any, count: int) -> list[int]:
         if self.is_postgresql:
-            rows = conn.execute(
-                text(
+            with db.cursor() as cur:
+                cur.execute(
                     "SELECT nextval(pg_get_serial_sequence('events', 'position')) "
-                    "FROM generate_series(1, :n)"
-                ),
-                {"n": count},
-            )
-            return sorted(int(r[0]) for r in rows)
-        last = conn.execute(
-            text("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'events'")
-        ).scalar_one()
-        return list(range(int(last) + 1, int(last) + 1 + count))
+                    "FROM generate_series(1, %s)", (count,))
+                return sorted(int(r[0]) for r in cur.fetchall())
+        row = db.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence "
+                         "WHERE name = 'events'").fetchone()
+        last = int(row[0]) if row else 0
+        return list(range(last + 1, last + 1 + count))
 
-    def _save_heads(self, conn: Connection, heads: dict[str, tuple[int, str]]) -> None:
-        rows = [{"stream_id": s, "version": v, "last_hash": h} for s, (v, h) in heads.items()]
-        insert = pg_insert if self.is_postgresql else sqlite_insert
-        statement = insert(streams)
-        statement = statement.on_conflict_do_update(
-            index_elements=[streams.c.stream_id],
-            set_={"version": statement.excluded.version,
-                  "last_hash": statement.excluded.last_hash},
-        )
-        conn.execute(statement, rows)
+    def _save_heads(self, db: Any, heads: dict[str, tuple[int, str]]) -> None:
+        rows = [(s, v, h) for s, (v, h) in heads.items()]
+        mark = "%s" if self.is_postgresql else "?"
+        sql = (f"INSERT INTO streams (stream_id, version, last_hash) VALUES ({mark}, {mark}, "
+               f"{mark}) ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+               "last_hash = excluded.last_hash")
+        cur = db.cursor()
+        try:
+            cur.executemany(sql, rows)
+        finally:
+            cur.close()
 
     # ------------------------------------------------------------------ read
 
@@ -388,9 +459,12 @@ class EventStore:
         bounds = bounds or LogFilter()
         cursor = after
         remaining = limit
+        # One bound serves the whole read: every event below it is from a transaction that
+        # had finished when it was taken, so later pages may use it safely.
+        visible_below = self.visible_bound()
         while remaining is None or remaining > 0:
             size = page_size if remaining is None else min(page_size, remaining)
-            page = self._read_page(cursor, bounds, size)
+            page = self._read_page(cursor, bounds, size, visible_below)
             yield from page
             if remaining is not None:
                 remaining -= len(page)
@@ -398,44 +472,77 @@ class EventStore:
                 return
             cursor = page[-1].log_position
 
-    def _read_page(self, after: LogPosition, bounds: LogFilter, size: int) -> list[RecordedEvent]:
-        query = select(events).where(
-            tuple_(events.c.txid, events.c.position) > tuple_(after.txid, after.position)
-        )
-        if self.is_postgresql:
-            query = query.where(
-                events.c.txid < text("(pg_snapshot_xmin(pg_current_snapshot())::text)::bigint")
-            )
-        if bounds.until is not None:
-            query = query.where(
-                tuple_(events.c.txid, events.c.position)
-                <= tuple_(bounds.until.txid, bounds.until.position)
-            )
-        if bounds.effective_until is not None:
-            condition = events.c.effective_at <= bounds.effective_until
-            if bounds.timeless_types:
-                condition = condition | events.c.type.in_(bounds.timeless_types)
-            query = query.where(condition)
-        if bounds.recorded_until is not None:
-            query = query.where(events.c.recorded_at <= bounds.recorded_until)
-        if bounds.types:
-            query = query.where(events.c.type.in_(bounds.types))
-        if bounds.stream_id is not None:
-            query = query.where(events.c.stream_id == bounds.stream_id)
-        query = query.order_by(events.c.txid, events.c.position).limit(size)
+    def visible_bound(self) -> int | None:
+        """The txid below which every event writer has finished (PostgreSQL; None on
+        SQLite, where writers are serialised and nothing commits out of order)."""
+        if not self.is_postgresql:
+            return None
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return [self._decode(row) for row in rows]
+            with _driver(conn).cursor() as cur:
+                cur.execute(_READ_BOUND_SQL, (WRITER_NAMESPACE,))
+                bound = int(cur.fetchone()[0])
+            conn.rollback()
+        return bound
+
+    def _read_page(self, after: LogPosition, bounds: LogFilter, size: int,
+                   visible_below: int | None) -> list[RecordedEvent]:
+        pg = self.is_postgresql
+        mark = "%s" if pg else "?"
+        where = [f"(txid, position) > ({mark}, {mark})"]
+        params: list[Any] = [after.txid, after.position]
+        if visible_below is not None:
+            where.append(f"txid < {mark}")
+            params.append(visible_below)
+        if bounds.until is not None:
+            where.append(f"(txid, position) <= ({mark}, {mark})")
+            params += [bounds.until.txid, bounds.until.position]
+        if bounds.effective_until is not None:
+            clause = f"effective_at <= {mark}"
+            params.append(self._time_param(bounds.effective_until))
+            if bounds.timeless_types:
+                clause = f"({clause} OR type IN ({', '.join([mark] * len(bounds.timeless_types))}))"
+                params += list(bounds.timeless_types)
+            where.append(clause)
+        if bounds.recorded_until is not None:
+            where.append(f"recorded_at <= {mark}")
+            params.append(self._time_param(bounds.recorded_until))
+        if bounds.types:
+            where.append(f"type IN ({', '.join([mark] * len(bounds.types))})")
+            params += list(bounds.types)
+        if bounds.stream_id is not None:
+            where.append(f"stream_id = {mark}")
+            params.append(bounds.stream_id)
+        sql = (f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} "
+               f"ORDER BY txid, position LIMIT {int(size)}")
+        return self._query_events(sql, params)
+
+    def _time_param(self, value: datetime) -> Any:
+        return ensure_utc(value) if self.is_postgresql else storage_time(value)
+
+    def _query_events(self, sql: str, params: Sequence[Any]) -> list[RecordedEvent]:
+        with self.engine.connect() as conn:
+            db = _driver(conn)
+            cur = db.cursor()
+            try:
+                cur.execute(sql, tuple(params))
+                rows = cur.fetchall()
+            finally:
+                cur.close()
+            conn.rollback()
+        catalogue_ = self.catalogue
+        if self.is_postgresql:
+            return [RecordedEvent(*row, catalogue_) for row in rows]
+        parse = from_storage_time
+        return [RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+                              parse(r[9]), parse(r[10]), r[11], r[12], catalogue_)
+                for r in rows]
 
     def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         """One stream in version order (a stream is small: an account, a trade)."""
-        query = (
-            select(events)
-            .where(events.c.stream_id == stream_id, events.c.stream_version > after_version)
-            .order_by(events.c.stream_version)
-        )
-        with self.engine.connect() as conn:
-            return [self._decode(row) for row in conn.execute(query)]
+        mark = "%s" if self.is_postgresql else "?"
+        return self._query_events(
+            f"SELECT {_COLUMNS} FROM events WHERE stream_id = {mark} AND stream_version > "
+            f"{mark} ORDER BY stream_version", (stream_id, after_version))
 
     def stream_version(self, stream_id: str) -> int:
         with self.engine.connect() as conn:
@@ -457,10 +564,9 @@ class EventStore:
     def head(self) -> LogPosition:
         """The last event a reader can see now (START on an empty log)."""
         query = select(events.c.txid, events.c.position)
-        if self.is_postgresql:
-            query = query.where(
-                events.c.txid < text("(pg_snapshot_xmin(pg_current_snapshot())::text)::bigint")
-            )
+        bound = self.visible_bound()
+        if bound is not None:
+            query = query.where(events.c.txid < bound)
         query = query.order_by(events.c.txid.desc(), events.c.position.desc()).limit(1)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
@@ -470,27 +576,49 @@ class EventStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(events)).scalar_one())
 
-    def _decode(self, row: Any) -> RecordedEvent:
-        model = self.catalogue.model(row.type)
-        if row.schema_version == model.schema_version:
-            event = model.model_validate_json(row.payload)
-        else:
-            event = self.catalogue.decode(row.type, row.schema_version, json.loads(row.payload))
-        return RecordedEvent(
-            position=int(row.position),
-            txid=int(row.txid),
-            stream_id=row.stream_id,
-            stream_version=row.stream_version,
-            event_id=row.event_id,
-            type=row.type,
-            schema_version=row.schema_version,
-            event=event,
-            metadata=json.loads(row.meta),
-            effective_at=row.effective_at,
-            recorded_at=row.recorded_at,
-            idempotency_key=row.idempotency_key,
-            hash=row.hash,
-        )
+
+
+_COLUMNS = ("position, txid, stream_id, stream_version, event_id, type, schema_version, "
+            "payload, metadata, effective_at, recorded_at, idempotency_key, hash")
+
+
+def event_id_for(position: int, idempotency_key: str) -> str:
+    """A UUID (version 8, RFC 9562) ordered by position, like UUIDv7 is by time: unique
+    because positions are (60 bits of them), cheap to index because new ids land at the end
+    of the index, and deterministic, so a replayed simulation gives the same ids."""
+    high = f"{position:015x}"
+    digest = hashlib.blake2b(idempotency_key.encode("utf-8"), digest_size=8).hexdigest()
+    variant = "89ab"[int(digest[0], 16) & 3]
+    return (f"{high[:8]}-{high[8:12]}-8{high[12:15]}-{variant}{digest[1:4]}-"
+            f"{digest[4:16]}")
+
+
+def _driver(conn: Connection) -> Any:
+    """The DBAPI connection under a SQLAlchemy connection, in the same transaction: the hot
+    paths talk to psycopg and sqlite3 directly."""
+    return conn.connection.driver_connection
+
+
+def _copy_events(db: Any, rows: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL COPY: the fastest way in; `txid` takes its column default."""
+    with db.cursor() as cur:
+        with cur.copy(
+            "COPY events (position, stream_id, stream_version, event_id, type, "
+            "schema_version, payload, metadata, effective_at, recorded_at, idempotency_key, "
+            "hash) FROM STDIN"
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
+def _insert_sqlite_events(db: Any, rows: list[tuple[Any, ...]], txid: int) -> None:
+    db.executemany(
+        "INSERT INTO events (position, txid, stream_id, stream_version, event_id, type, "
+        "schema_version, payload, metadata, effective_at, recorded_at, idempotency_key, hash) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(r[0], txid, *r[1:8], storage_time(r[8]), storage_time(r[9]), r[10], r[11])
+         for r in rows],
+    )
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

@@ -14,7 +14,7 @@ from sqlalchemy import DateTime, String
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from clearing.domain.clock import ensure_utc, storage_time
+from clearing.domain.clock import ensure_utc, from_storage_time, storage_time
 
 
 class UtcTimestamp(TypeDecorator[datetime]):
@@ -37,5 +37,5 @@ class UtcTimestamp(TypeDecorator[datetime]):
         if value is None:
             return None
         if isinstance(value, str):
-            return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            return from_storage_time(value)
         return value.astimezone(UTC)

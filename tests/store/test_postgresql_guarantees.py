@@ -50,8 +50,8 @@ def test_reader_never_skips_an_event_committed_late_with_a_lower_position(
 
     original = slow._append_in
 
-    def append_then_wait(conn, prepared, expected):  # type: ignore[no-untyped-def]
-        result = original(conn, prepared, expected)
+    def append_then_wait(*args):  # type: ignore[no-untyped-def]
+        result = original(*args)
         started.set()
         assert release.wait(10)
         return result
@@ -166,3 +166,17 @@ def test_owner_is_refused_truncate_by_trigger(pg_store: EventStore) -> None:
         with pg_store.engine.begin() as conn:
             conn.execute(text("TRUNCATE events"))
     assert pg_store.count() == 1
+
+
+def test_an_unrelated_open_transaction_does_not_hold_readers_back(
+    pg_store: EventStore, pg: Backend
+) -> None:
+    """Only in-flight event writers bound a read: an analyst's open transaction that wrote
+    elsewhere must not hide newly committed events."""
+    other = pg.engine()
+    with other.connect() as conn:
+        conn.execute(text("CREATE TEMP TABLE scratch (x int)"))
+        conn.execute(text("INSERT INTO scratch VALUES (1)"))  # this transaction now has an id
+        pg_store.append([PendingEvent("s", Noted(text="after"), "k-after", T0)])
+        assert [r.event.text for r in pg_store.read_all()] == ["after"]
+        conn.rollback()
