@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, func, select, text
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from clearing.domain.clock import ensure_utc, from_storage_time, storage_time
 from clearing.domain.event import (
@@ -271,7 +273,7 @@ class EventStore:
             try:
                 with write_transaction(self.engine) as conn:
                     return self._append_in(conn, prepared, expected, check_keys)
-            except (IntegrityError, OperationalError, DBAPIError) as exc:
+            except (DBAPIError, psycopg.Error, sqlite3.Error) as exc:
                 if attempt >= APPEND_RETRIES_MAX or not _is_transient(exc):
                     raise
                 check_keys = True
@@ -632,9 +634,9 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "23505"}
 def _is_transient(exc: Exception) -> bool:
     """Racing duplicates, serialization failures and deadlocks resolve on a retry; a retry
     re-runs the idempotency check, so it never writes twice."""
-    orig = getattr(exc, "orig", None)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate in _TRANSIENT_SQLSTATES:
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
         return True
-    message = str(orig or exc).lower()
-    return isinstance(exc, IntegrityError) and "unique" in message or "database is locked" in message
+    message = str(orig).lower()
+    return (isinstance(orig, sqlite3.IntegrityError) and "unique" in message) or (
+        "database is locked" in message)
