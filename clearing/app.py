@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from clearing.backoffice.csvinput import InputProblem, InputRejected
 from clearing.backoffice.imports import DecidedRow, ImportKind, decide_file
@@ -22,6 +22,7 @@ from clearing.domain.commands import BustTrade, NewFact, decide_bust
 from clearing.domain.events import TradeCleared
 from clearing.domain.instruments import Instrument
 from clearing.domain.ledger import Account, TradeRecord
+from clearing.domain.risk_parameters import RiskParameters
 from clearing.projections import tables as t
 from clearing.projections.ledger import _load_trades, instrument_from_row
 from clearing.domain.ledger import LedgerState
@@ -52,6 +53,8 @@ class Ledger:
         self.actor = actor
         self.store = EventStore(engine, clock=clock)
         self.runner = ProjectionRunner(self.store)
+        self._decision_state: LedgerState | None = None
+        """State loaded once for all rows of one import's decisions."""
 
     @classmethod
     def open(cls, url: str | None = None, clock: Callable[[], datetime] = utc_now) -> Ledger:
@@ -85,9 +88,56 @@ class Ledger:
             ).scalar_one_or_none()
         return Decimal(0) if value is None else value
 
-    def check_withdrawal(self, account_id: str, asset: str, amount: Decimal,
+    def check_withdrawal(self, account_id: str, withdrawn: dict[str, Decimal],
                          at: datetime) -> None:
-        """Margin rules on withdrawals hook in here (see the risk part of the ledger)."""
+        """Refuse a withdrawal after which equity would fall below the initial requirement
+        (SPEC section 4). `withdrawn` is everything this request takes from the account, per
+        asset, so several rows of one file are judged together."""
+        from clearing.domain.margin_sweep import margin_of
+        from clearing.domain.rejections import InsufficientMargin
+
+        when = max(at, self.clock())
+        if self._decision_state is None:
+            self._decision_state = self.state_at(when)
+        state = self._decision_state
+        if account_id not in state.accounts:
+            return
+        after = {a: b for (acct, a), b in state.balances.items() if acct == account_id}
+        for asset, amount in withdrawn.items():
+            after[asset] = after.get(asset, Decimal(0)) - amount
+        margin = margin_of(state, account_id, when, balances_override=after)
+        if margin.equity < margin.initial:
+            asset, amount = next(reversed(withdrawn.items()))
+            raise InsufficientMargin(account_id, asset, amount, margin.equity, margin.initial)
+
+    def state_at(self, at: datetime) -> LedgerState:
+        """The ledger's state as of `at`: the read models when nothing recorded is effective
+        later, else a replay of the log up to `at` (a job run for a past moment)."""
+        from clearing.backoffice.replay import REFERENCE_TYPES, ReplayBounds, replay
+        from clearing.projections.ledger import load_full_state
+        from clearing.store.tables import events
+
+        self.refresh()
+        with self.engine.connect() as conn:
+            latest = conn.execute(
+                select(func.max(events.c.effective_at))
+                .where(events.c.type.not_in(REFERENCE_TYPES))).scalar_one_or_none()
+        if latest is not None and latest > at:
+            return replay(self.store, ReplayBounds(as_of=at))
+        with self.engine.connect() as conn:
+            return load_full_state(conn, {x.name: x for x in t.LEDGER_TABLES},
+                                   with_statement=False)
+
+    def batch_event_count(self, batch_id: str) -> int:
+        """Facts recorded so far under a batch id (its chunks), the completion excluded."""
+        from clearing.store.tables import events
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(events).where(
+                    events.c.idempotency_key >= batch_id + ":",
+                    events.c.idempotency_key < batch_id + ";",
+                    events.c.idempotency_key != batch_id + ":completed")).scalar_one())
 
     def settled_instruments(self) -> set[str]:
         return set()
@@ -115,7 +165,11 @@ class Ledger:
     def import_file(self, kind: ImportKind, path: Path) -> ImportReport:
         """Parse, decide and record a whole file as one atomic append."""
         self.refresh()
-        decided = decide_file(kind, path, self, self.clock())
+        self._decision_state = None
+        try:
+            decided = decide_file(kind, path, self, self.clock())
+        finally:
+            self._decision_state = None
         rows = len({d.line for d in decided})
         if not decided:
             return ImportReport(str(kind), str(path), rows, 0, 0)
@@ -126,6 +180,32 @@ class Ledger:
         except IdempotencyConflict as exc:
             raise _conflict_problem(path, decided, exc) from None
         return ImportReport(str(kind), str(path), rows, len(decided), result.written)
+
+    def risk_parameters(self, at: datetime) -> RiskParameters:
+        from clearing.domain.margin_sweep import params_at
+
+        return params_at(self.state_at(at), at)
+
+    def set_risk_parameter(self, name: str, underlying: str | None, value: Decimal,
+                           at: datetime | None = None) -> AppendResult:
+        from clearing.domain.risk_changes import decide_set_parameter
+
+        at = at or self.clock()
+        state = self.state_at(at)
+        facts = decide_set_parameter(list(state.risk_changes.values()), name, underlying,
+                                     value, at, self.actor)
+        return self.record(facts)
+
+    def change_margin_model(self, account_id: str, model: str) -> AppendResult:
+        from clearing.domain.commands import decide_change_margin_model
+
+        self.refresh()
+        stream = f"account-{account_id}"
+        facts = decide_change_margin_model(self.account(account_id), account_id, model,
+                                           self.clock())
+        if not facts:
+            return AppendResult((), 0)
+        return self.record(facts, expected_versions={stream: self.store.stream_version(stream)})
 
     def bust(self, trade_id: str, reason: str, at: datetime | None = None) -> AppendResult:
         self.refresh()

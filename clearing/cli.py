@@ -34,8 +34,11 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 projections_app = typer.Typer(help="The read models folded from the log.", no_args_is_help=True)
+risk_app = typer.Typer(help="Risk parameters in force, and changing them (each change is an "
+                             "event).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(projections_app, name="projections")
+app.add_typer(risk_app, name="risk")
 
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
@@ -339,6 +342,136 @@ def price(
         render.emit_json(document)
     else:
         render.emit_table("Black-76", [document], list(document), list(document))
+
+
+@app.command()
+@handles_errors
+def margin(
+    db: Db = None, account: Account = None, as_of: AsOf = None, known_at: KnownAt = None,
+    until: Until = None, json_: Json = False, csv_: Csv = False,
+    explain: Annotated[bool, typer.Option("--explain", help="The workings of one account "
+                                          "(needs --account).")] = False,
+    var: Annotated[bool, typer.Option("--var", help="Add 99% historical VaR and expected "
+                                      "shortfall over a 2-day margin period of risk.")] = False,
+) -> None:
+    """Equity, collateral after haircuts, initial and maintenance requirement, margin ratio
+    (maintenance / equity) and status of every account."""
+    from clearing.backoffice.margin_report import explain as explain_account
+    from clearing.backoffice.margin_report import margin_rows
+
+    ledger = Ledger.open(db)
+    bounds = _bounds(as_of, known_at, until)
+    at = bounds.as_of or ledger.clock()
+    if explain:
+        if account is None:
+            raise typer.BadParameter("--explain needs --account")
+        document = explain_account(ledger, bounds, at, account)
+        if json_:
+            render.emit_json(document)
+            return
+        render.emit_table(f"Margin of {account}", [document],
+                          ("model", "collateral_value", "equity", "initial", "maintenance",
+                           "margin_ratio", "status"))
+        render.emit_table("Contributions", document["contributions"],
+                          ("symbol", "initial", "maintenance"), ("initial", "maintenance"))
+        render.emit_table("Worst scenarios", document["worst_scenarios"],
+                          ("underlying", "move", "vol_state", "loss"), ("move", "loss"))
+        return
+    rows = margin_rows(ledger, bounds, at, account, with_var=var)
+    columns = ["account_id", "model", "collateral_value", "equity", "initial", "maintenance",
+               "margin_ratio", "status"]
+    if var:
+        columns += ["var_99_2d", "expected_shortfall_99_2d"]
+    render.emit_rows(rows, columns, title=f"Margin at {format_time(at)}", as_json=json_,
+                     as_csv=csv_, numeric=columns[2:7] + columns[8:])
+
+
+@app.command("account-model")
+@handles_errors
+def account_model(
+    account_id: Annotated[str, typer.Argument(metavar="ACCOUNT")],
+    model: Annotated[str, typer.Argument(help="standard or portfolio")],
+    db: Db = None,
+) -> None:
+    """Move an account to another margin model (recorded as an event)."""
+    result = Ledger.open(db).change_margin_model(account_id, model)
+    render.stdout.print(f"{account_id}: margin model {model}" + (
+        " (unchanged)" if result.already_done else ""))
+
+
+@app.command()
+@handles_errors
+def run(
+    job: Annotated[str, typer.Argument(help="risk, margin, mtm, funding, liquidate, settle, "
+                                             "or eod (all of them in order).")],
+    db: Db = None,
+    at: Annotated[str | None, typer.Option("--at", metavar="TIME",
+                                           help="Business time of the batch (default now).")
+                  ] = None,
+    json_: Json = False,
+) -> None:
+    """Run a job once as of TIME. The batch id is the job and the time, so running the same
+    batch again does nothing and says so."""
+    from clearing.jobs.catalog import run_job
+
+    ledger = Ledger.open(db)
+    when = _time(at) or ledger.clock()
+    runs = run_job(ledger, job, when)
+    documents = [{"job": r.job, "batch_id": r.batch_id, "at": format_time(r.at),
+                  "events_written": r.events_written, "already_done": r.already_done}
+                 for r in runs]
+    if json_:
+        render.emit_json(documents[0] if len(documents) == 1 else documents)
+        return
+    for d in documents:
+        state = "already done" if d["already_done"] else f"{d['events_written']} events"
+        render.stdout.print(f"{d['job']} at {d['at']}: {state} (batch {d['batch_id']})")
+
+
+@risk_app.command("show")
+@handles_errors
+def risk_show(
+    db: Db = None, as_of: AsOf = None, json_: Json = False,
+) -> None:
+    """The risk parameters in force (defaults overlaid with every change so far)."""
+    ledger = Ledger.open(db)
+    when = _time(as_of) or ledger.clock()
+    params = ledger.risk_parameters(when)
+    rows = []
+    for name, value in params.model_dump().items():
+        if isinstance(value, dict):
+            rows.extend({"name": name, "underlying": u, "value": str(v)}
+                        for u, v in sorted(value.items()))
+        else:
+            rows.append({"name": name, "underlying": None, "value": str(value)})
+    render.emit_rows(rows, ("name", "underlying", "value"),
+                     title=f"Risk parameters at {format_time(when)}", as_json=json_,
+                     as_csv=False, numeric=("value",))
+
+
+@risk_app.command("set")
+@handles_errors
+def risk_set(
+    name: Annotated[str, typer.Argument(help="Parameter name (see `clearing risk show`).")],
+    value: Annotated[str, typer.Argument(help="New value, a decimal.")],
+    underlying: Annotated[str | None, typer.Option("--underlying", help="For per-asset "
+                                                   "parameters (haircut, portfolio_range).")
+                          ] = None,
+    db: Db = None,
+    at: Annotated[str | None, typer.Option("--at", metavar="TIME",
+                                           help="Effective from (default now).")] = None,
+) -> None:
+    """Change one risk parameter from a moment on; recorded as a RiskParametersSet event."""
+    from clearing.domain.money import InvalidAmount, parse_decimal
+
+    try:
+        amount = parse_decimal(value, scale=10)
+    except InvalidAmount as exc:
+        raise typer.BadParameter(str(exc), param_hint="VALUE") from None
+    ledger = Ledger.open(db)
+    result = ledger.set_risk_parameter(name, underlying, amount, _time(at))
+    render.stdout.print(f"{name}{'[' + underlying + ']' if underlying else ''} = {value}"
+                        + (" (already recorded)" if result.already_done else ""))
 
 
 @app.command()

@@ -28,6 +28,7 @@ from clearing.domain.events import (
     CollateralDeposited,
     CollateralWithdrawn,
     InstrumentListed,
+    MarginModelChanged,
     MarkPublished,
     TradeBusted,
     TradeCleared,
@@ -245,3 +246,18 @@ def decide_mark(cmd: PublishMark, instruments: Mapping[str, Instrument]) -> list
     event = MarkPublished(symbol=cmd.symbol, price=cmd.price, iv=cmd.iv, marked_at=cmd.at)
     key = f"mark:{cmd.symbol}:{storage_time(cmd.at)}"
     return [NewFact(f"marks-{cmd.symbol}", event, key, cmd.at)]
+
+
+def decide_change_margin_model(account: Account | None, account_id: str, model: str,
+                               at: datetime) -> list[NewFact]:
+    """Move an account between margin models; the same model again changes nothing."""
+    if account is None:
+        raise UnknownAccount(account_id, field="account")
+    if model not in {m.value for m in MarginModel}:
+        raise Rejected("margin_model", f"{model!r} is not one of standard, portfolio", model)
+    if account.margin_model == model:
+        return []
+    event = MarginModelChanged(account_id=account_id, margin_model=MarginModel(model),
+                               previous=MarginModel(account.margin_model))
+    key = f"margin-model:{account_id}:{storage_time(at)}"
+    return [NewFact(account_stream(account_id), event, key, at)]

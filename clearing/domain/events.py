@@ -177,3 +177,15 @@ class MarginCallIssued(Event):
     maintenance: ExactDecimal
     shortfall: ExactDecimal
     batch_id: str
+
+
+@catalogue.register
+class BatchCompleted(Event):
+    """A job's batch finished: every fact it decided is in the log. A rerun of the same
+    batch id finds this and does nothing."""
+
+    type_name = "BatchCompleted"
+    job: str
+    batch_id: str
+    at: datetime
+    events: int = Field(ge=0)

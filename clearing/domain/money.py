@@ -10,6 +10,7 @@ negative infinity: a credit becomes smaller, a debit larger.
 from __future__ import annotations
 
 import decimal
+import re
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Annotated
@@ -27,6 +28,9 @@ USD_SCALE = 2
 QUANTITY_SCALE = 8
 """Largest number of decimals accepted for a quantity or a price."""
 PRICE_SCALE = 8
+_PLAIN_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+"""A number as a file may write it: ASCII digits, an optional sign and decimal point. Python's
+Decimal also reads `1_000` and non-ASCII digits (`１０`); an input file may not."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ def parse_decimal(text: str, *, scale: int, positive: bool = False,
         raise InvalidAmount(text, "is not a finite number")
     if any(c in raw for c in "eE"):
         raise InvalidAmount(text, "must be written without an exponent")
+    if not _PLAIN_DECIMAL.fullmatch(raw):
+        raise InvalidAmount(text, "is not a plain decimal number (ASCII digits, an optional "
+                                  "sign and decimal point)")
     exponent = value.as_tuple().exponent
     assert isinstance(exponent, int)
     if -exponent > scale:

@@ -72,3 +72,19 @@ class InstrumentSettled(Rejected):
     def __init__(self, trade_id: str, symbol: str):
         super().__init__("trade_id", f"trade {trade_id!r} cannot be busted: {symbol} has "
                                      "settled", symbol)
+
+
+class InsufficientMargin(Rejected):
+    """A withdrawal would leave equity below the initial margin requirement."""
+
+    def __init__(self, account_id: str, asset: str, amount: Decimal, equity_after: Decimal,
+                 initial: Decimal):
+        super().__init__(
+            "amount", f"withdrawing {amount} {asset} would leave {account_id!r} with equity "
+                      f"{equity_after} USD, below its initial margin requirement of "
+                      f"{initial} USD", amount)
+        self.account_id = account_id
+        self.asset = asset
+        self.amount = amount
+        self.equity_after = equity_after
+        self.initial = initial

@@ -1,0 +1,101 @@
+"""The margin sweep: every account's margin state at a moment, and the facts it changes.
+
+Pure: given the ledger's state as of `at` and the parameters then in force, it returns the
+status transitions (and a margin call for each account entering `restricted`). Keys name the
+batch and the account, so a rerun after a crash writes only what is missing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from clearing.domain.accounts import is_house
+from clearing.domain.commands import NewFact, account_stream
+from clearing.domain.events import MarginCallIssued, MarginStatusChanged
+from clearing.domain.ledger import LedgerState
+from clearing.domain.margin import AccountMargin, HeldPosition, Market, account_margin
+from clearing.domain.risk_parameters import RiskParameters, parameters_in_force
+
+HEALTHY = "healthy"
+RESTRICTED = "restricted"
+LIQUIDATING = "liquidating"
+BANKRUPT = "bankrupt"
+
+
+def market_at(state: LedgerState, at: datetime) -> Market:
+    """Index prices and instrument marks as the state knows them."""
+    index_prices = {s: m.price for s, m in state.marks.items() if s not in state.instruments}
+    marks = {s: m for s, m in state.marks.items() if s in state.instruments}
+    return Market(at=at, index_prices=index_prices, marks=marks)
+
+
+def params_at(state: LedgerState, at: datetime) -> RiskParameters:
+    return parameters_in_force(state.risk_changes.values(), at)
+
+
+@dataclass(frozen=True)
+class Book:
+    """One account's collateral and open positions."""
+
+    balances: dict[str, Decimal]
+    positions: list[HeldPosition]
+
+
+def books(state: LedgerState) -> dict[str, Book]:
+    """Every member account's book (house accounts are not margined)."""
+    result: dict[str, Book] = {
+        a: Book({}, []) for a in state.accounts if not is_house(a)
+    }
+    for (account_id, asset), balance in state.balances.items():
+        if account_id in result:
+            result[account_id].balances[asset] = balance
+    by_account: dict[str, list[HeldPosition]] = defaultdict(list)
+    for (account_id, symbol), position in state.positions.items():
+        if position.quantity == 0 or account_id not in result:
+            continue
+        by_account[account_id].append(HeldPosition(
+            state.instruments[symbol], position.quantity, position.settlement_basis,
+            position.average_entry_price))
+    for account_id, held in by_account.items():
+        result[account_id].positions.extend(sorted(held, key=lambda h: h.instrument.symbol))
+    return result
+
+
+def margin_of(state: LedgerState, account_id: str, at: datetime,
+              balances_override: dict[str, Decimal] | None = None) -> AccountMargin:
+    """One account's margin at `at`, optionally with its balances replaced (what-if)."""
+    book = books(state).get(account_id, Book({}, []))
+    balances = balances_override if balances_override is not None else book.balances
+    model = state.accounts[account_id].margin_model if account_id in state.accounts \
+        else "standard"
+    return account_margin(model, balances, book.positions, market_at(state, at),
+                          params_at(state, at))
+
+
+def sweep(state: LedgerState, at: datetime, batch_id: str) -> list[NewFact]:
+    """The margin job: transitions of every account whose state changed since last recorded."""
+    market = market_at(state, at)
+    params = params_at(state, at)
+    facts: list[NewFact] = []
+    for account_id, book in sorted(books(state).items()):
+        margin = account_margin(state.accounts[account_id].margin_model, book.balances,
+                                book.positions, market, params)
+        recorded = state.margin_states.get(account_id)
+        previous = recorded.status if recorded is not None else HEALTHY
+        if margin.status == previous:
+            continue
+        stream = account_stream(account_id)
+        key = f"{batch_id}:{account_id}"
+        facts.append(NewFact(stream, MarginStatusChanged(
+            account_id=account_id, previous=previous, status=margin.status,
+            equity=margin.equity, initial=margin.initial, maintenance=margin.maintenance,
+            batch_id=batch_id), f"{key}:status", at))
+        if margin.status == RESTRICTED:
+            facts.append(NewFact(stream, MarginCallIssued(
+                account_id=account_id, equity=margin.equity, initial=margin.initial,
+                maintenance=margin.maintenance, shortfall=margin.initial - margin.equity,
+                batch_id=batch_id), f"{key}:call", at))
+    return facts

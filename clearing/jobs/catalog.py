@@ -1,0 +1,63 @@
+"""The jobs `clearing run JOB` knows, each a pure decision wired to what it reads."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+
+from clearing.app import Ledger
+from clearing.domain.events import MarkPublished
+from clearing.domain.instruments import UNDERLYINGS
+from clearing.domain.margin_sweep import sweep
+from clearing.domain.risk_changes import decide_dynamic_ranges
+from clearing.jobs.batches import JobFunction, JobRun, run_batch
+from clearing.store.eventstore import LogFilter
+
+
+def index_history(ledger: Ledger, until: datetime) -> dict[str, list[tuple[datetime, Decimal]]]:
+    """Every index mark of every underlying up to `until`, oldest first."""
+    history: dict[str, list[tuple[datetime, Decimal]]] = defaultdict(list)
+    for underlying in UNDERLYINGS:
+        bounds = LogFilter(stream_id=f"marks-{underlying}", effective_until=until)
+        for fact in ledger.store.read_all(bounds=bounds, page_size=10_000):
+            event = fact.event
+            assert isinstance(event, MarkPublished)
+            history[underlying].append((event.marked_at, event.price))
+        history[underlying].sort()
+    return history
+
+
+def _risk(ledger: Ledger, at: datetime) -> JobFunction:
+    history = index_history(ledger, at)
+    return lambda state, when, batch_id: decide_dynamic_ranges(state, when, batch_id, history)
+
+
+def _margin(ledger: Ledger, at: datetime) -> JobFunction:
+    return sweep
+
+
+JOBS: dict[str, Callable[[Ledger, datetime], JobFunction]] = {
+    "risk": _risk,
+    "margin": _margin,
+}
+EOD_ORDER: tuple[str, ...] = ("risk", "margin")
+"""`eod` runs these in this order."""
+
+
+class UnknownJob(ValueError):
+    def __init__(self, job: str):
+        super().__init__(f"unknown job {job!r} (known: {', '.join([*JOBS, 'eod'])})")
+        self.job = job
+
+
+def run_job(ledger: Ledger, job: str, at: datetime) -> list[JobRun]:
+    """Run one job (or `eod`: every job in order) as of `at`."""
+    names = EOD_ORDER if job == "eod" else (job,)
+    runs = []
+    for name in names:
+        if name not in JOBS:
+            raise UnknownJob(name)
+        runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at)))
+    return runs
