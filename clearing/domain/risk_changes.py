@@ -80,6 +80,8 @@ def decide_dynamic_ranges(state: LedgerState, at: datetime, batch_id: str,
             continue
         inputs = {k: str(v) for k, v in decision.inputs.items()}
         inputs["returns"] = str(len(returns))
+        inputs["raw_range"] = str(decision.raw)
+        inputs["floor_applied"] = "true" if decision.floor_applied else "false"
         event = RiskParametersSet(name="portfolio_range", underlying=underlying,
                                   value=decision.value, previous=current, reason="risk job",
                                   inputs=inputs)
