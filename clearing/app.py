@@ -140,7 +140,8 @@ class Ledger:
                     events.c.idempotency_key != batch_id + ":completed")).scalar_one())
 
     def settled_instruments(self) -> set[str]:
-        return set()
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(t.settlements.c.symbol)).scalars())
 
     def trade(self, trade_id: str) -> TradeRecord | None:
         state = LedgerState()

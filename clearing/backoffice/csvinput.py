@@ -82,6 +82,9 @@ def read_csv(path: Path, columns: Sequence[str]) -> list[CsvRow]:
     rows: list[CsvRow] = []
     problems: list[InputProblem] = []
     while True:
+        # A record's line is where it starts: a quoted cell may span several lines, and the
+        # reader counts every empty line, so the next record starts just after the last one.
+        line = reader.line_num + 1
         try:
             cells = next(reader)
         except StopIteration:
@@ -90,23 +93,22 @@ def read_csv(path: Path, columns: Sequence[str]) -> list[CsvRow]:
             reason = str(exc)
             if "field larger" in reason:
                 reason = f"a cell is longer than {FIELD_CHARS_MAX} characters"
-            problems.append(InputProblem(name, reader.line_num, "row", reason))
+            problems.append(InputProblem(name, line, "row", reason))
             break
         if not cells or all(not c.strip() for c in cells):
             continue
         if len(rows) >= ROWS_MAX:
-            problems.append(InputProblem(name, reader.line_num, "file",
+            problems.append(InputProblem(name, line, "file",
                                          f"has more than {ROWS_MAX} rows"))
             break
         if len(cells) != len(header):
-            problems.append(InputProblem(name, reader.line_num, "row",
+            problems.append(InputProblem(name, line, "row",
                                          f"has {len(cells)} cells, the header has "
                                          f"{len(header)}"))
             if len(problems) >= ERRORS_REPORTED_MAX:
                 break
             continue
-        rows.append(CsvRow(reader.line_num, dict(zip(header, (c.strip() for c in cells),
-                                                     strict=True))))
+        rows.append(CsvRow(line, dict(zip(header, (c.strip() for c in cells), strict=True))))
     if problems:
         raise InputRejected(problems)
     if not rows:

@@ -35,6 +35,7 @@ from clearing.domain.commands import (
 from clearing.domain.events import TradeLeg
 from clearing.domain.instruments import Instrument, InstrumentError
 from clearing.domain.ledger import Account
+from clearing.domain.margin import MissingIndexPrice, MissingRiskParameter
 from clearing.domain.money import (
     PRICE_SCALE,
     QUANTITY_SCALE,
@@ -44,7 +45,7 @@ from clearing.domain.money import (
     parse_amount,
     parse_decimal,
 )
-from clearing.domain.rejections import Rejected
+from clearing.domain.rejections import Rejected, SameAccountBothSides
 from clearing.backoffice.csvinput import (
     ERRORS_REPORTED_MAX,
     CsvRow,
@@ -89,7 +90,7 @@ class LedgerView(Protocol):
     def account_ids(self) -> set[str]: ...
     def instruments(self) -> dict[str, Instrument]: ...
     def balance(self, account_id: str, asset: str) -> Decimal: ...
-    def check_withdrawal(self, account_id: str, asset: str, amount: Decimal,
+    def check_withdrawal(self, account_id: str, withdrawn: dict[str, Decimal],
                          at: datetime) -> None: ...
 
 
@@ -106,6 +107,8 @@ class _Problems:
 
     def add(self, line: int, field: str, reason: str) -> None:
         self.items.append(InputProblem(self.file, line, field, reason))
+        if self.full():
+            raise _StopLooking
 
     def full(self) -> bool:
         return len(self.items) >= ERRORS_REPORTED_MAX
@@ -113,6 +116,10 @@ class _Problems:
     def raise_if_any(self) -> None:
         if self.items:
             raise InputRejected(self.items)
+
+
+class _StopLooking(Exception):
+    """A file has shown ERRORS_REPORTED_MAX problems: enough to refuse it and to report."""
 
 
 class FieldProblem(ValueError):
@@ -251,7 +258,10 @@ def decide_file(kind: ImportKind, path: Path, view: LedgerView,
     problems = _Problems(str(path))
     decided: list[DecidedRow] = []
     decider = _DECIDERS[kind]
-    decider(rows, view, now, problems, decided)
+    try:
+        decider(rows, view, now, problems, decided)
+    except _StopLooking:
+        pass
     problems.raise_if_any()
     return decided
 
@@ -326,8 +336,16 @@ def _decide_collateral(withdraw: bool) -> Decider:
 
                 def decide_one() -> list[NewFact]:
                     facts = decide_withdrawal(cmd, accounts, balance)
-                    view.check_withdrawal(cmd.account_id, cmd.asset, before + cmd.amount,
-                                          cmd.at)
+                    withdrawn = {asset: amount for (acct, asset), amount in spent.items()
+                                 if acct == cmd.account_id}
+                    withdrawn[cmd.asset] = before + cmd.amount
+                    try:
+                        view.check_withdrawal(cmd.account_id, withdrawn, cmd.at)
+                    except (MissingIndexPrice, MissingRiskParameter) as exc:
+                        # Without a price the account's equity is unknown: a withdrawal
+                        # that cannot be shown safe is refused, not guessed.
+                        raise FieldProblem("amount", "cannot be checked against margin: "
+                                                     f"{exc}") from None
                     return facts
 
                 facts = _guard(problems, row.line, decide_one)
@@ -343,15 +361,19 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
     accounts = view.account_ids()
     instruments = view.instruments()
     trades: dict[str, list[tuple[int, datetime, TradeLeg]]] = {}
+    unparsed: set[str] = set()
     for row in rows:
         parsed = _guard(problems, row.line, lambda: parse_leg(row))
         if parsed is None:
-            if problems.full():
-                break
+            # Its other legs are not judged: their numbers would report this row's problem
+            # again as a confusing second one ("has legs 2; expected 1..1").
+            unparsed.add(row.values["trade_id"])
             continue
         trade_id, at, leg = parsed  # type: ignore[misc]
         trades.setdefault(trade_id, []).append((row.line, at, leg))
     for trade_id, legs in trades.items():
+        if trade_id in unparsed:
+            continue
         first_line = legs[0][0]
         numbers = [leg.leg for _, _, leg in legs]
         if sorted(numbers) != list(range(1, len(legs) + 1)):
@@ -392,8 +414,14 @@ class _AtLine(Exception):
 
 
 def _leg_of(exc: Rejected, cmd: ClearTrade) -> int:
+    """The leg a rejection is about: the first leg it fits (legs are checked in order)."""
     for leg in cmd.legs:
-        if exc.value in (leg.instrument, leg.buyer, leg.seller, leg.buyer_fee, leg.seller_fee):
+        if isinstance(exc, SameAccountBothSides):
+            # The account alone would also match an earlier leg it trades in correctly.
+            if leg.buyer == leg.seller == exc.value:
+                return leg.leg
+        elif exc.value in (leg.instrument, leg.buyer, leg.seller, leg.buyer_fee,
+                           leg.seller_fee):
             return leg.leg
     return 1
 

@@ -68,7 +68,7 @@ def differences(stored: LedgerState, replayed: LedgerState) -> list[Difference]:
     """Every field that differs, model by model, key by key."""
     found: list[Difference] = []
     for model in ("accounts", "instruments", "balances", "positions", "marks", "trades",
-                  "risk_changes", "margin_states"):
+                  "risk_changes", "margin_states", "settlements"):
         ours: dict[Any, Any] = getattr(stored, model)
         theirs: dict[Any, Any] = getattr(replayed, model)
         for key in sorted(set(ours) | set(theirs), key=str):

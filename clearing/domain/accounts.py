@@ -15,7 +15,11 @@ FEES = "ccp:fees"
 INSURANCE = "ccp:insurance"
 LIQUIDATION = "ccp:liquidation"
 ROUNDING = "ccp:rounding"
-HOUSE_ACCOUNTS = (EXTERNAL, FEES, INSURANCE, LIQUIDATION, ROUNDING)
+SETTLEMENT = "ccp:settlement"
+"""The clearing house's settlement account: variation margin, funding and expiry cash pass
+through it chunk by chunk; a complete batch leaves it at zero (its rounding residual swept to
+`ccp:rounding`)."""
+HOUSE_ACCOUNTS = (EXTERNAL, FEES, INSURANCE, LIQUIDATION, ROUNDING, SETTLEMENT)
 
 ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 OWNER_LENGTH_MAX = 200

@@ -7,6 +7,7 @@ zero per asset (double entry, SPEC invariant 3).
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -189,3 +190,162 @@ class BatchCompleted(Event):
     batch_id: str
     at: datetime
     events: int = Field(ge=0)
+
+
+class PositionMovement(Event):
+    """How one account's position in one instrument changes in a settlement or transfer
+    (not itself an event type): `amount` is the exact cash it earns or owes for it, before
+    the event nets and rounds its postings."""
+
+    account_id: str
+    instrument: str
+    quantity_change: ExactDecimal = Decimal(0)
+    basis_change: ExactDecimal = Decimal(0)
+    price: ExactDecimal
+    amount: ExactDecimal = Decimal(0)
+
+
+class PositionsMoved(MoneyMovement):
+    """Base of the jobs' events that change positions and pay for them."""
+
+    batch_id: str
+    movements: tuple[PositionMovement, ...]
+
+
+@catalogue.register
+class VariationMarginSettled(PositionsMoved):
+    """Mark-to-market of one instrument (one chunk of its holders): each position is paid
+    q × multiplier × (mark − last settlement price) and its last settlement price becomes the
+    mark. The other side of every posting is `ccp:settlement`, which the batch's closing
+    `SettlementResidualSwept` brings back to zero."""
+
+    type_name = "VariationMarginSettled"
+    instrument: str
+    mark_price: ExactDecimal
+    chunk: int = Field(ge=0)
+
+
+@catalogue.register
+class FundingPaid(MoneyMovement):
+    """One 8-hour funding period of a perpetual: longs pay shorts when the rate is positive."""
+
+    type_name = "FundingPaid"
+    batch_id: str
+    instrument: str
+    mark_price: ExactDecimal
+    index_price: ExactDecimal
+    premium_index: ExactDecimal
+    rate: ExactDecimal
+    chunk: int = Field(ge=0)
+    payments: tuple[PositionMovement, ...]
+
+
+@catalogue.register
+class InstrumentSettled(Event):
+    """An expired instrument's settlement price: the time-weighted average of the index in
+    the 30 minutes before expiry (SPEC section 4), with how it was found."""
+
+    type_name = "InstrumentSettled"
+    batch_id: str
+    symbol: str
+    expiry: datetime
+    settlement_price: ExactDecimal
+    method: str
+    marks_used: int = Field(ge=0)
+
+
+@catalogue.register
+class ExpirySettled(PositionsMoved):
+    """Expiring positions closed, leg by leg, with each account's cash netted per asset into
+    one posting (futures: a final variation margin; options: intrinsic value)."""
+
+    type_name = "ExpirySettled"
+    expiry: datetime
+    chunk: int = Field(ge=0)
+
+
+@catalogue.register
+class SettlementResidualSwept(MoneyMovement):
+    """What a batch left in `ccp:settlement` after rounding each payment in the clearing
+    house's favour goes to `ccp:rounding`."""
+
+    type_name = "SettlementResidualSwept"
+    batch_id: str
+
+
+@catalogue.register
+class PositionLiquidated(PositionsMoved):
+    """A position of an account below maintenance moved to `ccp:liquidation` at the mark
+    price, with the fee to `ccp:insurance` and the figures that drove it."""
+
+    type_name = "PositionLiquidated"
+    account_id: str
+    instrument: str
+    quantity: ExactDecimal
+    mark_price: ExactDecimal
+    notional: ExactDecimal
+    fee: ExactDecimal
+    equity_before: ExactDecimal
+    initial_before: ExactDecimal
+    maintenance_before: ExactDecimal
+    position_requirement: ExactDecimal
+
+
+@catalogue.register
+class InsuranceFundPaid(MoneyMovement):
+    """The insurance fund covers (part of) a bankrupt account's negative equity."""
+
+    type_name = "InsuranceFundPaid"
+    batch_id: str
+    account_id: str
+    deficit: ExactDecimal
+    amount: ExactDecimal
+    fund_before: ExactDecimal
+
+
+@catalogue.register
+class AutoDeleveraged(PositionsMoved):
+    """What the insurance fund could not cover: an opposite position closed against
+    `ccp:liquidation` at the bankrupt account's bankruptcy price, by ranking score."""
+
+    type_name = "AutoDeleveraged"
+    bankrupt_account: str
+    counterparty: str
+    instrument: str
+    quantity: ExactDecimal
+    bankruptcy_price: ExactDecimal
+    mark_price: ExactDecimal
+    profit_pct: ExactDecimal
+    leverage: ExactDecimal
+    score: ExactDecimal
+    deficit_before: ExactDecimal
+    amount: ExactDecimal
+
+
+@catalogue.register
+class ReconciliationRun(Event):
+    """The ledger was compared with an external statement (`clearing reconcile`), for the
+    audit trail: which file (by name and SHA-256), against which ledger position (the last
+    fact, other than reconciliation runs, in the read models compared), with what tolerance,
+    and the outcome. It changes no balance, position or read model."""
+
+    type_name = "ReconciliationRun"
+    kind: str = Field(pattern=r"^(balances|trades)$")
+    file_name: str
+    file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rows: int = Field(ge=0)
+    matched: int = Field(ge=0)
+    breaks: int = Field(ge=0)
+    tolerance: ExactDecimal = Field(ge=0)
+    ledger_position: int = Field(ge=0)
+
+
+@catalogue.register
+class UncoveredLoss(MoneyMovement):
+    """What neither the insurance fund nor auto-deleveraging recovered of a bankrupt
+    account's deficit: borne by the clearing house (`ccp:liquidation`)."""
+
+    type_name = "UncoveredLoss"
+    batch_id: str
+    account_id: str
+    amount: ExactDecimal

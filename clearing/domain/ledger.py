@@ -21,17 +21,27 @@ from typing import Protocol
 from clearing.domain.event import Event
 from clearing.domain.events import (
     AccountOpened,
+    AutoDeleveraged,
     CollateralDeposited,
     CollateralWithdrawn,
+    ExpirySettled,
+    FundingPaid,
     InstrumentListed,
+    InstrumentSettled,
+    InsuranceFundPaid,
     MarginModelChanged,
     MarginStatusChanged,
     MarkPublished,
     MoneyMovement,
+    PositionLiquidated,
+    PositionsMoved,
     RiskParametersSet,
+    SettlementResidualSwept,
     TradeBusted,
     TradeCleared,
     TradeLeg,
+    UncoveredLoss,
+    VariationMarginSettled,
 )
 from clearing.domain.instruments import Instrument
 from clearing.domain.money import informational
@@ -114,7 +124,7 @@ class MarginState:
 
 
 @dataclass
-class LedgerState:
+class LedgerState:  # noqa: D101 - documented below
     """Everything the ledger's projections hold. A projection runner may load only the part a
     batch of facts touches (see `touched`); `evolve` reads nothing else."""
 
@@ -128,6 +138,8 @@ class LedgerState:
     risk_changes: dict[int, ParameterChange] = field(default_factory=dict)
     """Every risk parameter change, by position (the history margin needs at any time)."""
     margin_states: dict[str, MarginState] = field(default_factory=dict)
+    settlements: dict[str, Decimal] = field(default_factory=dict)
+    """Settlement price of every instrument that has expired and settled."""
 
 
 @dataclass
@@ -168,6 +180,12 @@ def touched(events: list[Event]) -> Touched:
                 keys.positions.add((leg.seller, leg.instrument))
         elif isinstance(event, MarkPublished):
             keys.marks.add(event.symbol)
+        elif isinstance(event, PositionsMoved):
+            for m in event.movements:
+                keys.instruments.add(m.instrument)
+                keys.positions.add((m.account_id, m.instrument))
+        elif isinstance(event, InstrumentSettled):
+            keys.instruments.add(event.symbol)
     return keys
 
 
@@ -197,9 +215,18 @@ def apply_fill(position: Position, quantity: Decimal, price: Decimal,
                multiplier: Decimal) -> None:
     """A fill of signed `quantity` at `price`: average-cost entry price and realised P&L
     (informational), and the settlement basis (exact, drives variation margin)."""
+    move_position(position, quantity, price, multiplier, quantity * price)
+
+
+def move_position(position: Position, quantity: Decimal, price: Decimal, multiplier: Decimal,
+                  basis_change: Decimal) -> None:
+    """Change a position by signed `quantity` at `price` and its basis by `basis_change`
+    (a fill moves the basis by quantity × price; a settlement or a transfer says its own)."""
+    position.settlement_basis += basis_change
+    if quantity == 0:
+        return
     old = position.quantity
     new = old + quantity
-    position.settlement_basis += quantity * price
     if old == 0 or (old > 0) == (quantity > 0):
         position.average_entry_price = informational(
             (abs(old) * position.average_entry_price + abs(quantity) * price) / abs(new)
@@ -269,6 +296,22 @@ def _margin_status_changed(state: LedgerState, fact: Fact, e: MarginStatusChange
                                                     fact.position)
 
 
+def _positions_moved(state: LedgerState, fact: Fact, e: PositionsMoved) -> None:
+    post(state, fact, e)
+    for m in e.movements:
+        multiplier = state.instruments[m.instrument].multiplier
+        position = state.positions.setdefault((m.account_id, m.instrument), Position())
+        move_position(position, m.quantity_change, m.price, multiplier, m.basis_change)
+
+
+def _instrument_settled(state: LedgerState, fact: Fact, e: InstrumentSettled) -> None:
+    state.settlements[e.symbol] = e.settlement_price
+
+
+def _money_moved(state: LedgerState, fact: Fact, e: MoneyMovement) -> None:
+    post(state, fact, e)
+
+
 def _mark_published(state: LedgerState, fact: Fact, e: MarkPublished) -> None:
     current = state.marks.get(e.symbol)
     if current is None or (e.marked_at, fact.position) >= (current.marked_at, current.position):
@@ -287,7 +330,12 @@ HANDLERS: dict[type[Event], Handler] = {
     MarginModelChanged: _margin_model_changed,  # type: ignore[dict-item]
     RiskParametersSet: _risk_parameters_set,  # type: ignore[dict-item]
     MarginStatusChanged: _margin_status_changed,  # type: ignore[dict-item]
+    InstrumentSettled: _instrument_settled,  # type: ignore[dict-item]
 }
+for _moved in (VariationMarginSettled, ExpirySettled, PositionLiquidated, AutoDeleveraged):
+    HANDLERS[_moved] = _positions_moved  # type: ignore[assignment]
+for _paid in (FundingPaid, InsuranceFundPaid, SettlementResidualSwept, UncoveredLoss):
+    HANDLERS[_paid] = _money_moved  # type: ignore[assignment]
 
 
 TouchRule = Callable[[Event, Touched], None]

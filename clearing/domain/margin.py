@@ -204,6 +204,8 @@ def position_price(held: HeldPosition, marks: Mapping[str, Mark]) -> Decimal:
     if mark is not None:
         return mark.price
     if held.instrument.is_linear_delta_one:
+        if held.quantity == 0:  # closed, only its unsettled basis is left: price irrelevant
+            return Decimal(0)
         return held.settlement_basis / held.quantity
     return held.average_entry_price
 

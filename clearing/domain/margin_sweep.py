@@ -54,10 +54,16 @@ def books(state: LedgerState) -> dict[str, Book]:
             result[account_id].balances[asset] = balance
     by_account: dict[str, list[HeldPosition]] = defaultdict(list)
     for (account_id, symbol), position in state.positions.items():
-        if position.quantity == 0 or account_id not in result:
+        if account_id not in result:
+            continue
+        instrument = state.instruments[symbol]
+        # A closed future still owes or is owed its variation margin until the next
+        # mark-to-market pays it: it stays in the book (quantity 0, basis not yet settled).
+        if position.quantity == 0 and not (instrument.is_linear_delta_one
+                                           and position.settlement_basis != 0):
             continue
         by_account[account_id].append(HeldPosition(
-            state.instruments[symbol], position.quantity, position.settlement_basis,
+            instrument, position.quantity, position.settlement_basis,
             position.average_entry_price))
     for account_id, held in by_account.items():
         result[account_id].positions.extend(sorted(held, key=lambda h: h.instrument.symbol))

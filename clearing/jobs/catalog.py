@@ -10,6 +10,10 @@ from decimal import Decimal
 from clearing.app import Ledger
 from clearing.domain.events import MarkPublished
 from clearing.domain.instruments import UNDERLYINGS
+from clearing.domain.expiry import decide_settlements
+from clearing.domain.funding import decide_funding
+from clearing.domain.liquidation import decide_liquidations
+from clearing.domain.mark_to_market import decide_mark_to_market
 from clearing.domain.margin_sweep import sweep
 from clearing.domain.risk_changes import decide_dynamic_ranges
 from clearing.jobs.batches import JobFunction, JobRun, run_batch
@@ -38,12 +42,24 @@ def _margin(ledger: Ledger, at: datetime) -> JobFunction:
     return sweep
 
 
+def _settle(ledger: Ledger, at: datetime) -> JobFunction:
+    history = index_history(ledger, at)
+    return lambda state, when, batch_id: decide_settlements(state, when, batch_id, history)
+
+
 JOBS: dict[str, Callable[[Ledger, datetime], JobFunction]] = {
+    "settle": _settle,
+    "mtm": lambda ledger, at: decide_mark_to_market,
+    "funding": lambda ledger, at: decide_funding,
     "risk": _risk,
+    "liquidate": lambda ledger, at: decide_liquidations,
     "margin": _margin,
 }
-EOD_ORDER: tuple[str, ...] = ("risk", "margin")
-"""`eod` runs these in this order."""
+EOD_ORDER: tuple[str, ...] = ("settle", "mtm", "funding", "risk", "liquidate", "margin")
+"""`eod` runs these in this order: expired instruments settle first, the rest is marked to
+market and funded, the day's risk parameters are set, accounts below maintenance are
+liquidated, and the margin sweep records every account's resulting state (and margin
+calls)."""
 
 
 class UnknownJob(ValueError):

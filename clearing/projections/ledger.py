@@ -94,6 +94,8 @@ def load_state(conn: Connection, tables: Tables, keys: Any) -> LedgerState:
         state.margin_states[row.account_id] = margin_state_from_row(row)
     for row in _in(conn, tables["instruments"], ["symbol"], keys.instruments):
         state.instruments[row.symbol] = instrument_from_row(row)
+    for row in _in(conn, tables["settlements"], ["symbol"], keys.instruments):
+        state.settlements[row.symbol] = row.settlement_price
     for row in _in(conn, tables["balances"], ["account_id", "asset"], keys.balances):
         state.balances[(row.account_id, row.asset)] = row.balance
     for row in _in(conn, tables["positions"], ["account_id", "instrument"], keys.positions):
@@ -183,6 +185,10 @@ def state_rows(state: LedgerState) -> dict[str, list[dict[str, Any]]]:
              "maintenance": m.maintenance, "since": m.since, "position": m.position}
             for a, m in state.margin_states.items()
         ],
+        "settlements": [
+            {"symbol": symbol, "settlement_price": price}
+            for symbol, price in state.settlements.items()
+        ],
         "statement": [
             {"position": line.position, "account_id": line.account_id, "asset": line.asset,
              "effective_at": line.effective_at, "type": line.type,
@@ -201,7 +207,8 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState) -> None:
         conn.execute(tables["statement"].insert(), statement_rows)
 
 
-def load_full_state(conn: Connection, tables: Tables) -> LedgerState:
+def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True
+                    ) -> LedgerState:
     """Every stored row, as a state (for comparing with a replay)."""
     state = LedgerState()
     for row in conn.execute(select(tables["accounts"])):
@@ -219,6 +226,10 @@ def load_full_state(conn: Connection, tables: Tables) -> LedgerState:
         state.risk_changes[row.position] = change_from_row(row)
     for row in conn.execute(select(tables["margin_states"])):
         state.margin_states[row.account_id] = margin_state_from_row(row)
+    for row in conn.execute(select(tables["settlements"])):
+        state.settlements[row.symbol] = row.settlement_price
+    if not with_statement:
+        return state
     statement = tables["statement"]
     for row in conn.execute(select(statement).order_by(statement.c.position,
                                                        statement.c.account_id,

@@ -136,7 +136,10 @@ def _create_shadow(conn: Connection, table: Table) -> Table:
     shadow_name = table.name + SHADOW_SUFFIX
     conn.execute(text(f'DROP TABLE IF EXISTS "{shadow_name}"'))
     if conn.dialect.name == "postgresql":
-        conn.execute(text(f'CREATE TABLE "{shadow_name}" (LIKE "{table.name}" INCLUDING ALL)'))
+        # Without defaults: a serial column's default names the original table's sequence,
+        # which would then refuse to be dropped at the swap. Read models write every column.
+        conn.execute(text(f'CREATE TABLE "{shadow_name}" '
+                          f'(LIKE "{table.name}" INCLUDING ALL EXCLUDING DEFAULTS)'))
     else:
         ddl = conn.execute(
             text("SELECT type, name, sql FROM sqlite_master WHERE tbl_name = :t "

@@ -94,5 +94,11 @@ margin_states = Table(
     Column("position", BigInteger, nullable=False),
 )
 
+settlements = Table(
+    "settlements", metadata,
+    Column("symbol", Text, primary_key=True),
+    Column("settlement_price", ExactDecimal, nullable=False),
+)
+
 LEDGER_TABLES = (accounts, instruments, balances, positions, statement, trade_legs, marks,
-                 risk_parameter_changes, margin_states)
+                 risk_parameter_changes, margin_states, settlements)
