@@ -217,14 +217,17 @@ def _cover_bankruptcy(work: _Work, batch: BatchFacts, record, batch_id: str,  # 
             account_id, f"{account_id}:insurance")
     remaining = deficit - paid
     step = 0
-    for target, price in sorted(taken, key=lambda t: (
-            -abs(t[0].quantity) * t[0].instrument.multiplier * t[1], t[0].instrument.symbol)):
+    futures = sorted(((t, p) for t, p in taken if t.instrument.is_linear_delta_one),
+                     key=lambda tp: (-_notional(*tp), tp[0].instrument.symbol))
+    total_notional = sum((_notional(t, p) for t, p in futures), Decimal(0))
+    for target, price in futures:
         if remaining <= 0:
             break
-        if not target.instrument.is_linear_delta_one:
-            continue
+        # The whole deficit, shared over the positions taken by notional, sets each one's
+        # bankruptcy price; the insurance fund's payment only shortens what ADL must close.
+        share = deficit * _notional(target, price) / total_notional
         remaining, step = _deleverage(work, record, batch_id, account_id, target, price,
-                                      remaining, step)
+                                      share, remaining, step)
     if remaining > 0:
         record(UncoveredLoss(
             batch_id=batch_id, account_id=account_id, amount=remaining,
@@ -263,16 +266,20 @@ def rank_opposites(work: _Work, symbol: str, bankrupt_quantity: Decimal, price: 
     return sorted(found, key=lambda c: (-c.score, c.account_id))
 
 
+def _notional(held: HeldPosition, price: Decimal) -> Decimal:
+    return abs(held.quantity) * held.instrument.multiplier * price
+
+
 def _deleverage(work: _Work, record, batch_id: str, bankrupt: str,  # type: ignore[no-untyped-def]
-                target: HeldPosition, price: Decimal, remaining: Decimal,
-                step: int) -> tuple[Decimal, int]:
+                target: HeldPosition, price: Decimal, deficit_share: Decimal,
+                remaining: Decimal, step: int) -> tuple[Decimal, int]:
     symbol = target.instrument.symbol
     m = target.instrument.multiplier
     q = target.quantity
     direction = Decimal(1) if q > 0 else Decimal(-1)
     # The bankruptcy price: where the bankrupt position would have left equity at zero,
     # rounded away from the mark (the side that recovers at least the deficit).
-    bankruptcy_price = (price + remaining / (q * m)).quantize(
+    bankruptcy_price = (price + deficit_share / (q * m)).quantize(
         PRICE_QUANTUM, ROUND_CEILING if q > 0 else ROUND_FLOOR)
     per_unit = abs(bankruptcy_price - price) * m
     if per_unit == 0:
