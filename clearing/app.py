@@ -126,7 +126,7 @@ class Ledger:
             return replay(self.store, ReplayBounds(as_of=at))
         with self.engine.connect() as conn:
             return load_full_state(conn, {x.name: x for x in t.LEDGER_TABLES},
-                                   with_statement=False)
+                                   with_statement=False, with_trades=False)
 
     def batch_event_count(self, batch_id: str) -> int:
         """Facts recorded so far under a batch id (its chunks), the completion excluded."""

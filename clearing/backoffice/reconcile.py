@@ -303,6 +303,8 @@ def _records(handle: BinaryIO, name: str, kind: StatementKind, problems: list[In
     reader = csv.reader(_physical_lines(handle, name, digest), strict=True)
     try:
         header = [h.strip() for h in next(reader)]
+        if not any(header) and not any(any(c.strip() for c in row) for row in reader):
+            raise StopIteration  # nothing but blank lines
     except StopIteration:
         problems.append(InputProblem(name, 1, "header", "the file is empty; expected "
                                                         + ",".join(kind.columns)))

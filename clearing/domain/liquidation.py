@@ -45,13 +45,15 @@ from clearing.domain.events import (
 )
 from clearing.domain.ledger import LedgerState, evolve
 from clearing.domain.margin import (
+    BANKRUPT,
+    LIQUIDATING,
     AccountMargin,
     HeldPosition,
     account_margin,
     position_price,
     standard_requirement,
 )
-from clearing.domain.margin_sweep import market_at, params_at
+from clearing.domain.margin_sweep import all_margins, market_at, params_at
 from clearing.domain.money import (
     PRICE_SCALE,
     QUANTITY_SCALE,
@@ -150,7 +152,9 @@ def decide_liquidations(state: LedgerState, at: datetime, batch_id: str) -> list
         work.apply(event)
         batch.add(event, subject, stream=account_stream(account_id))
 
-    for account_id in sorted(a for a in state.accounts if not is_house(a)):
+    below = [a for a, m in all_margins(state, at).items()
+             if m.status in (LIQUIDATING, BANKRUPT) or m.equity < m.maintenance]
+    for account_id in below:
         margin = work.margin(account_id)
         held = work.book(account_id)
         if not held or margin.equity >= margin.maintenance:

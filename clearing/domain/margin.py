@@ -624,3 +624,32 @@ def account_margin(model: str, balances: Mapping[str, Decimal],
                              has_positions),
         requirement=requirement,
     )
+
+
+def account_margins_many(models: Sequence[str], balances: Sequence[Mapping[str, Decimal]],
+                         books: Sequence[Sequence[HeldPosition]], market: Market,
+                         params: RiskParameters) -> list[AccountMargin]:
+    """`account_margin` for many accounts: the portfolio model's repricing runs once, batched,
+    over every portfolio account; the results equal account-by-account computation."""
+    portfolio_index = [i for i, model in enumerate(models) if model == PORTFOLIO]
+    batched = portfolio_requirements_many([books[i] for i in portfolio_index], market, params)
+    requirements: dict[int, Requirement] = dict(zip(portfolio_index, batched, strict=True))
+    results = []
+    for i, model in enumerate(models):
+        if model == STANDARD:
+            requirement = standard_requirement(books[i], market, params)
+        elif model == PORTFOLIO:
+            requirement = requirements[i]
+        else:
+            raise UnknownMarginModel(model)
+        collateral = collateral_value(balances[i], market.index_prices, params)
+        reported_equity = usd_cents(equity(collateral, books[i], market))
+        has_positions = any(held.quantity != 0 for held in books[i])
+        results.append(AccountMargin(
+            model=str(model), collateral_value=usd_cents(collateral), equity=reported_equity,
+            initial=requirement.initial, maintenance=requirement.maintenance,
+            margin_ratio=margin_ratio(requirement.maintenance, reported_equity),
+            status=margin_status(reported_equity, requirement.initial,
+                                 requirement.maintenance, has_positions),
+            requirement=requirement))
+    return results

@@ -16,7 +16,13 @@ from clearing.domain.accounts import is_house
 from clearing.domain.commands import NewFact, account_stream
 from clearing.domain.events import MarginCallIssued, MarginStatusChanged
 from clearing.domain.ledger import LedgerState
-from clearing.domain.margin import AccountMargin, HeldPosition, Market, account_margin
+from clearing.domain.margin import (
+    AccountMargin,
+    HeldPosition,
+    Market,
+    account_margin,
+    account_margins_many,
+)
 from clearing.domain.risk_parameters import RiskParameters, parameters_in_force
 
 HEALTHY = "healthy"
@@ -81,14 +87,19 @@ def margin_of(state: LedgerState, account_id: str, at: datetime,
                           params_at(state, at))
 
 
+def all_margins(state: LedgerState, at: datetime) -> dict[str, AccountMargin]:
+    """Every member account's margin at `at`, the portfolio model batched across accounts."""
+    every = sorted(books(state).items())
+    margins = account_margins_many(
+        [state.accounts[a].margin_model for a, _ in every], [b.balances for _, b in every],
+        [b.positions for _, b in every], market_at(state, at), params_at(state, at))
+    return {a: m for (a, _), m in zip(every, margins, strict=True)}
+
+
 def sweep(state: LedgerState, at: datetime, batch_id: str) -> list[NewFact]:
     """The margin job: transitions of every account whose state changed since last recorded."""
-    market = market_at(state, at)
-    params = params_at(state, at)
     facts: list[NewFact] = []
-    for account_id, book in sorted(books(state).items()):
-        margin = account_margin(state.accounts[account_id].margin_model, book.balances,
-                                book.positions, market, params)
+    for account_id, margin in all_margins(state, at).items():
         recorded = state.margin_states.get(account_id)
         previous = recorded.status if recorded is not None else HEALTHY
         if margin.status == previous:

@@ -207,8 +207,8 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState) -> None:
         conn.execute(tables["statement"].insert(), statement_rows)
 
 
-def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True
-                    ) -> LedgerState:
+def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True,
+                    with_trades: bool = True) -> LedgerState:
     """Every stored row, as a state (for comparing with a replay)."""
     state = LedgerState()
     for row in conn.execute(select(tables["accounts"])):
@@ -221,7 +221,8 @@ def load_full_state(conn: Connection, tables: Tables, with_statement: bool = Tru
         state.positions[(row.account_id, row.instrument)] = position_from_row(row)
     for row in conn.execute(select(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
-    _load_trades(state, conn.execute(select(tables["trade_legs"])))
+    if with_trades:
+        _load_trades(state, conn.execute(select(tables["trade_legs"])))
     for row in conn.execute(select(tables["risk_parameter_changes"])):
         state.risk_changes[row.position] = change_from_row(row)
     for row in conn.execute(select(tables["margin_states"])):
