@@ -110,6 +110,18 @@ class Ledger:
             asset, amount = next(reversed(withdrawn.items()))
             raise InsufficientMargin(account_id, asset, amount, margin.equity, margin.initial)
 
+    def recorded_keys(self, keys: list[str]) -> set[str]:
+        """Which of these idempotency keys the log already holds."""
+        from clearing.store.tables import events
+
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 900):
+                chunk = keys[start:start + 900]
+                found.update(conn.execute(select(events.c.idempotency_key).where(
+                    events.c.idempotency_key.in_(chunk))).scalars())
+        return found
+
     def state_at(self, at: datetime) -> LedgerState:
         """The ledger's state as of `at`: the read models when nothing recorded is effective
         later, else a replay of the log up to `at` (a job run for a past moment)."""
@@ -213,8 +225,17 @@ class Ledger:
         at = at or self.clock()
         stream = self.store.read_stream(f"trade-{trade_id}")
         cleared = next((r.event for r in stream if isinstance(r.event, TradeCleared)), None)
+        restored = None
+        if cleared is not None:
+            from clearing.domain.ledger import HISTORY_TYPES, position_history
+            from clearing.store.eventstore import LogFilter
+
+            keys = {(a, leg.instrument) for leg in cleared.legs for a in (leg.buyer, leg.seller)}
+            history = self.store.read_all(bounds=LogFilter(types=HISTORY_TYPES),
+                                          page_size=10_000)
+            restored = position_history(history, keys, self.instruments(), trade_id)
         facts = decide_bust(BustTrade(trade_id, reason, at), self.trade(trade_id), cleared,
-                            self.settled_instruments())
+                            self.settled_instruments(), restored)
         return self.record(facts, [{"reason": reason}],
                            expected_versions={f"trade-{trade_id}": len(stream)})
 

@@ -21,7 +21,9 @@ from clearing.backoffice.imports import ImportKind
 from clearing.backoffice.replay import ReplayBounds
 from clearing.domain.clock import InvalidTimeError, NaiveTimeError, format_time, parse_time
 from clearing.domain.event import InvalidEventPayload, UnknownEventType
+from clearing.domain.margin import MissingIndexPrice, MissingRiskParameter
 from clearing.domain.rejections import Rejected
+from clearing.jobs.catalog import UnknownJob
 from clearing.store.errors import StoreError
 
 app = typer.Typer(
@@ -84,7 +86,8 @@ def handles_errors(fn: F) -> F:
                 render.error(str(problem))
             render.error("nothing was written")
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except (Rejected, StoreError, UnknownEventType, InvalidEventPayload) as exc:
+        except (Rejected, StoreError, UnknownEventType, InvalidEventPayload,
+                MissingIndexPrice, MissingRiskParameter, UnknownJob) as exc:
             render.error(f"error: {exc}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
 

@@ -92,6 +92,7 @@ class LedgerView(Protocol):
     def balance(self, account_id: str, asset: str) -> Decimal: ...
     def check_withdrawal(self, account_id: str, withdrawn: dict[str, Decimal],
                          at: datetime) -> None: ...
+    def recorded_keys(self, keys: list[str]) -> set[str]: ...
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,10 @@ def _decide_collateral(withdraw: bool) -> Decider:
         accounts = view.account_ids()
         spent: dict[tuple[str, str], Decimal] = {}
         seen: dict[str, int] = {}
+        # A withdrawal already recorded is not judged again against today's balance: the
+        # store recognises it (same content: nothing written; other content: refused).
+        recorded = view.recorded_keys([f"withdrawal:{row.values['ref']}" for row in rows]) \
+            if withdraw else set()
         for row in rows:
             cmd = _guard(problems, row.line, lambda: parse_collateral(row))
             if cmd is None:
@@ -329,7 +334,10 @@ def _decide_collateral(withdraw: bool) -> Decider:
                                               f"{seen[cmd.reference]}")
                 continue
             seen[cmd.reference] = row.line
-            if withdraw:
+            if withdraw and f"withdrawal:{cmd.reference}" in recorded:
+                facts = _guard(problems, row.line,
+                               lambda: decide_withdrawal(cmd, accounts, cmd.amount))
+            elif withdraw:
                 key = (cmd.account_id, cmd.asset)
                 before = spent.get(key, Decimal(0))
                 balance = view.balance(cmd.account_id, cmd.asset) - before

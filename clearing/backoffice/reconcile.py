@@ -48,6 +48,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
@@ -105,6 +106,9 @@ TABLE_PAGE_ROWS = 1_000
 STREAM_ID = "reconciliations"
 ZERO = Decimal(0)
 TRADE_FIELDS = ("instrument", "buyer", "seller", "quantity", "price")
+_CONTROL = re.compile(r"[\x00-\x1f]")
+"""Refused in every text field (the sort's temporary files also rely on it: no tab, no
+newline inside a field)."""
 
 
 class InvariantViolation(RuntimeError):
@@ -143,7 +147,7 @@ def _text(values: dict[str, str], field: str, limit: int = REFERENCE_CHARS_MAX) 
         raise _FieldProblem(field, "is required")
     if len(value) > limit:
         raise _FieldProblem(field, f"is longer than {limit} characters")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL.search(value):
         raise _FieldProblem(field, "contains control characters")
     return value
 
@@ -333,7 +337,8 @@ def _records(handle: BinaryIO, name: str, kind: StatementKind, problems: list[In
                 reason = f"a cell is longer than {FIELD_CHARS_MAX} characters"
             problems.append(InputProblem(name, line, "row", reason))
             break
-        if not cells or all(not c.strip() for c in cells):
+        cells = [c.strip() for c in cells]
+        if not any(cells):
             continue
         if counter[0] >= STATEMENT_ROWS_MAX:
             problems.append(InputProblem(name, line, "file",
@@ -344,7 +349,7 @@ def _records(handle: BinaryIO, name: str, kind: StatementKind, problems: list[In
             problems.append(InputProblem(name, line, "row", f"has {len(cells)} cells, the "
                                                             f"header has {len(header)}"))
             continue
-        values = dict(zip(header, (c.strip() for c in cells), strict=True))
+        values = dict(zip(header, cells, strict=True))
         try:
             record = kind.parse(values, line)
         except _FieldProblem as exc:

@@ -15,7 +15,7 @@ from typing import Any
 
 from clearing.domain.events import AccountOpened, InstrumentListed
 from clearing.domain.ledger import LedgerState, evolve
-from clearing.store.eventstore import EventStore, LogFilter
+from clearing.store.eventstore import EventStore, LogFilter, LogPosition
 
 REFERENCE_TYPES = (AccountOpened.type_name, InstrumentListed.type_name)
 REPLAY_PAGE_SIZE = 10_000
@@ -32,18 +32,22 @@ class ReplayBounds:
         return self.as_of is None and self.known_at is None and self.until_position is None
 
 
-def log_filter(store: EventStore, bounds: ReplayBounds) -> LogFilter:
+def log_filter(store: EventStore, bounds: ReplayBounds,
+               before: LogPosition | None = None) -> LogFilter:
     until = None
     if bounds.until_position is not None:
         until = store.log_position_of(bounds.until_position)
-    return LogFilter(until=until, effective_until=bounds.as_of,
+    return LogFilter(until=until, before=before, effective_until=bounds.as_of,
                      recorded_until=bounds.known_at, timeless_types=REFERENCE_TYPES)
 
 
-def replay(store: EventStore, bounds: ReplayBounds | None = None) -> LedgerState:
-    """The ledger's state rebuilt from the log alone."""
+def replay(store: EventStore, bounds: ReplayBounds | None = None, *,
+           before: LogPosition | None = None) -> LedgerState:
+    """The ledger's state rebuilt from the log alone; with `before`, only from the events
+    strictly before that place in the log (what a job's batch was decided from, before its
+    own first fact)."""
     state = LedgerState()
-    for fact in store.read_all(bounds=log_filter(store, bounds or ReplayBounds()),
+    for fact in store.read_all(bounds=log_filter(store, bounds or ReplayBounds(), before),
                                page_size=REPLAY_PAGE_SIZE):
         evolve(state, fact)
     return state

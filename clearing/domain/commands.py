@@ -30,12 +30,13 @@ from clearing.domain.events import (
     InstrumentListed,
     MarginModelChanged,
     MarkPublished,
+    RestoredPosition,
     TradeBusted,
     TradeCleared,
     TradeLeg,
 )
 from clearing.domain.instruments import UNDERLYINGS, Instrument
-from clearing.domain.ledger import Account, TradeRecord
+from clearing.domain.ledger import Account, Position, TradeRecord
 from clearing.domain.money import ASSETS, asset_spec, charge_rounded, payout_rounded
 from clearing.domain.postings import net_postings
 from clearing.domain.rejections import (
@@ -203,7 +204,8 @@ class BustTrade:
 
 
 def decide_bust(cmd: BustTrade, trade: TradeRecord | None, cleared: TradeCleared | None,
-                settled_instruments: Container[str]) -> list[NewFact]:
+                settled_instruments: Container[str],
+                restored: Mapping[tuple[str, str], Position] | None = None) -> list[NewFact]:
     """Reverse a cleared trade with compensating facts: every posting negated, every leg's
     fill undone at its price. Refused once any leg's instrument has settled: money paid out
     at expiry cannot be called back by an edit."""
@@ -222,6 +224,11 @@ def decide_bust(cmd: BustTrade, trade: TradeRecord | None, cleared: TradeCleared
     event = TradeBusted(
         trade_id=cmd.trade_id, reason=reason, legs=cleared.legs,
         postings=net_postings((p.account_id, p.asset, -p.amount) for p in cleared.postings),
+        restored=tuple(
+            RestoredPosition(account_id=a, instrument=i,
+                             average_entry_price=p.average_entry_price,
+                             realised_pnl=p.realised_pnl)
+            for (a, i), p in sorted((restored or {}).items())),
     )
     return [NewFact(trade_stream(cmd.trade_id), event, f"bust:{cmd.trade_id}", effective_at)]
 

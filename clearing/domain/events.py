@@ -97,6 +97,16 @@ class TradeCleared(MoneyMovement):
         return self
 
 
+class RestoredPosition(Event):
+    """A position's average entry price and realised P&L as if the busted trade had never
+    been cleared (not itself an event type)."""
+
+    account_id: str
+    instrument: str
+    average_entry_price: ExactDecimal
+    realised_pnl: ExactDecimal
+
+
 @catalogue.register
 class TradeBusted(MoneyMovement):
     """A cleared trade reversed by compensating postings and positions; the original
@@ -109,6 +119,9 @@ class TradeBusted(MoneyMovement):
     """The legs being reversed: each buyer's position falls and each seller's rises by the
     leg's quantity at the leg's price, so variation margin already paid on the trade flows
     back at the next mark-to-market, exactly."""
+    restored: tuple[RestoredPosition, ...] = ()
+    """Each affected position's entry price and realised P&L recomputed from its history
+    without this trade, so the bust undoes the trade in every field, not only in money."""
 
 
 @catalogue.register

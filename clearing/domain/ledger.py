@@ -12,7 +12,7 @@ basis rather than a price keeps variation margin exact: averaging prices would n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -273,9 +273,50 @@ def _trade_cleared(state: LedgerState, fact: Fact, e: TradeCleared) -> None:
 def _trade_busted(state: LedgerState, fact: Fact, e: TradeBusted) -> None:
     post(state, fact, e)
     _fill_legs(state, e.legs, -1)
+    for restored in e.restored:
+        position = state.positions.get((restored.account_id, restored.instrument))
+        if position is not None:
+            position.average_entry_price = restored.average_entry_price
+            position.realised_pnl = restored.realised_pnl
     record = state.trades.get(e.trade_id)
     if record is not None:
         record.busted = True
+
+
+HISTORY_TYPES = ("TradeCleared", "TradeBusted", "ExpirySettled", "PositionLiquidated",
+                 "AutoDeleveraged")
+"""The facts that change a position's quantity: what `position_history` folds."""
+
+
+def position_history(facts: Iterable[Fact], keys: set[tuple[str, str]],
+                     instruments: dict[str, Instrument], without_trade: str
+                     ) -> dict[tuple[str, str], Position]:
+    """The given positions rebuilt from their fills as if `without_trade` (and every trade
+    busted before it) had never been cleared: what a bust restores."""
+    busted = {without_trade}
+    facts = list(facts)
+    for fact in facts:
+        if isinstance(fact.event, TradeBusted):
+            busted.add(fact.event.trade_id)
+    positions = {key: Position() for key in keys}
+    for fact in facts:
+        event = fact.event
+        if isinstance(event, TradeCleared):
+            if event.trade_id in busted:
+                continue
+            for leg in event.legs:
+                for account_id, sign in ((leg.buyer, 1), (leg.seller, -1)):
+                    position = positions.get((account_id, leg.instrument))
+                    if position is not None:
+                        apply_fill(position, leg.quantity * sign, leg.price,
+                                   instruments[leg.instrument].multiplier)
+        elif isinstance(event, PositionsMoved):
+            for m in event.movements:
+                position = positions.get((m.account_id, m.instrument))
+                if position is not None:
+                    move_position(position, m.quantity_change, m.price,
+                                  instruments[m.instrument].multiplier, m.basis_change)
+    return positions
 
 
 def _margin_model_changed(state: LedgerState, fact: Fact, e: MarginModelChanged) -> None:

@@ -1,19 +1,36 @@
 """Running a job exactly once per batch, even across crashes and concurrent schedulers.
 
 A batch is (job, at); its id is deterministic, so the same batch run twice is recognised.
-The job decides its facts from the ledger as of `at`; they are written in chunks whose
-idempotency keys derive from the batch id and the subject of each fact (an account, an
-instrument), and a `BatchCompleted` fact closes the batch. A rerun after a crash between
-chunks decides again from a state that already holds the written chunks, so it produces
-only the facts still missing, and the store's keys refuse any fact twice.
+The job decides its facts from the ledger as of `at`; they are written in chunks (one
+transaction each) whose idempotency keys derive from the batch id and the subject of each
+fact (an account, an instrument), and a `BatchCompleted` fact closes the batch.
+
+A rerun after a crash between chunks must decide exactly what the interrupted run decided,
+so that the chunks already written are recognised (same key, same content) and only the
+missing ones are written. It cannot decide from the ledger as it now stands: the written
+chunks have already moved it (a settled position's basis is the mark, a paid account's
+balance has changed), so a second decision would differ, key by key. So when facts of the
+batch are already in the log but no `BatchCompleted`, the job decides from a replay of the
+log strictly *before* the batch's first fact (`LogFilter.before`), as of `at`: the state the
+first run decided from. Every fact of a batch is effective at `at` and keyed under the batch
+id (`run_batch` checks both), which is how its first fact is found: the events effective at
+`at` (an index lookup) whose keys start with `batch_id:`.
 
 Only one runner works on a given job at a time: a PostgreSQL advisory lock held for the
 batch, or on SQLite an exclusive lock on a file beside the database.
+
+Two environment variables exist for tests and operations (both read on every batch):
+`CLEARING_CHUNK_EVENTS` overrides `CHUNK_EVENTS` (facts per transaction; 1 makes every fact
+its own transaction), and `CLEARING_TEST_PAUSE_AFTER_CHUNK` (seconds, a test hook) sleeps
+after each chunk commits, so a crash test can kill a job between chunks. Neither changes
+what a batch writes, only how many transactions it takes and how long.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,16 +38,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from clearing.app import Ledger
 from clearing.domain.clock import storage_time
 from clearing.domain.commands import NewFact
 from clearing.domain.events import BatchCompleted
 from clearing.domain.ledger import LedgerState
+from clearing.store.eventstore import LogPosition
+from clearing.store.tables import events
 
 CHUNK_EVENTS = 1_000
-"""Facts per transaction when a batch is written in chunks."""
+"""Facts per transaction when a batch is written in chunks (`CLEARING_CHUNK_EVENTS`
+overrides it)."""
+CHUNK_EVENTS_ENV = "CLEARING_CHUNK_EVENTS"
+PAUSE_AFTER_CHUNK_ENV = "CLEARING_TEST_PAUSE_AFTER_CHUNK"
 JOB_LOCK_NAMESPACE = 0x4A42  # "JB"
 LOCK_TIMEOUT_S = 600
 
@@ -82,32 +104,84 @@ def job_lock(ledger: Ledger, job: str) -> Iterator[None]:
 
 
 def is_completed(ledger: Ledger, batch_id: str) -> bool:
-    from sqlalchemy import select
-
-    from clearing.store.tables import events
-
     with ledger.engine.connect() as conn:
         return conn.execute(select(events.c.position).where(
             events.c.idempotency_key == completion_key(batch_id))).first() is not None
 
 
+def written_so_far(ledger: Ledger, batch_id: str, at: datetime) -> list[LogPosition]:
+    """Where the facts of the batch already in the log are, in log order (the completion
+    excluded). Every fact of a batch is effective at `at`, so this reads the few events
+    effective at that moment (an index lookup) and keeps those keyed under the batch id: a
+    prefix test in Python, exact whatever the database's collation."""
+    prefix = batch_id + ":"
+    closing = completion_key(batch_id)
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            select(events.c.txid, events.c.position, events.c.idempotency_key)
+            .where(events.c.effective_at == at)).all()
+    return sorted(LogPosition(int(r.txid), int(r.position)) for r in rows
+                  if r.idempotency_key.startswith(prefix) and r.idempotency_key != closing)
+
+
+def decision_state(ledger: Ledger, at: datetime, written: list[LogPosition]) -> LedgerState:
+    """The state the batch decides from: the ledger as of `at`, or, when chunks of the batch
+    were written by an interrupted run, the log replayed as of `at` up to (excluding) the
+    batch's first fact, which is what that run decided from."""
+    if not written:
+        return ledger.state_at(at)
+    from clearing.backoffice.replay import ReplayBounds, replay
+
+    ledger.refresh()
+    return replay(ledger.store, ReplayBounds(as_of=at), before=written[0])
+
+
+def chunk_size(default: int = CHUNK_EVENTS) -> int:
+    """`CLEARING_CHUNK_EVENTS` when set (a positive integer), else `default`."""
+    raw = os.environ.get(CHUNK_EVENTS_ENV, "").strip()
+    if not raw:
+        return default
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"{CHUNK_EVENTS_ENV} must be a positive integer, not {raw!r}")
+    return value
+
+
+def _pause_after_chunk() -> None:
+    """Test hook: `CLEARING_TEST_PAUSE_AFTER_CHUNK` seconds of sleep after each chunk."""
+    raw = os.environ.get(PAUSE_AFTER_CHUNK_ENV, "").strip()
+    if raw:
+        time.sleep(float(raw))
+
+
+def _check_fact(fact: NewFact, batch_id: str, at: datetime) -> None:
+    if not fact.idempotency_key.startswith(batch_id + ":") or fact.effective_at != at:
+        raise ValueError(f"a fact of batch {batch_id} must be effective at its time and keyed "
+                         f"under its id: got {fact.idempotency_key!r} effective at "
+                         f"{fact.effective_at.isoformat()}")
+
+
 def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
-              chunk_events: int = CHUNK_EVENTS,
+              chunk_events: int | None = None,
               after_chunk: Callable[[int], None] | None = None) -> JobRun:
     """Decide and record one batch of `job` as of `at`, exactly once."""
     batch_id = batch_id_for(job, at)
+    size = chunk_events if chunk_events is not None else chunk_size()
     with job_lock(ledger, job):
         if is_completed(ledger, batch_id):
             return JobRun(job, batch_id, at, 0, True)
-        state = ledger.state_at(at)
-        facts = decide(state, at, batch_id)
+        already = written_so_far(ledger, batch_id, at)
+        facts = decide(decision_state(ledger, at, already), at, batch_id)
+        for fact in facts:
+            _check_fact(fact, batch_id, at)
         written = 0
-        for start in range(0, len(facts), chunk_events):
-            chunk = facts[start:start + chunk_events]
+        for start in range(0, len(facts), size):
+            chunk = facts[start:start + size]
             written += ledger.record(chunk, [{"batch_id": batch_id}] * len(chunk)).written
+            _pause_after_chunk()
             if after_chunk is not None:
-                after_chunk(start // chunk_events)
-        total = ledger.batch_event_count(batch_id) if written != len(facts) else len(facts)
+                after_chunk(start // size)
+        total = len(already) + written
         closing = NewFact(f"batches-{job}", BatchCompleted(job=job, batch_id=batch_id, at=at,
                                                            events=total),
                           completion_key(batch_id), at)

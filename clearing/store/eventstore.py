@@ -225,6 +225,9 @@ class LogFilter:
     """Bounds on a read of the whole log (SPEC "two clocks")."""
 
     until: LogPosition | None = None
+    before: LogPosition | None = None
+    """Exclusive upper bound in log order: only events strictly before this one (a job
+    rerun decides from the log as it stood before its batch's first fact)."""
     effective_until: datetime | None = None
     recorded_until: datetime | None = None
     types: tuple[str, ...] | None = None
@@ -498,6 +501,9 @@ class EventStore:
         if bounds.until is not None:
             where.append(f"(txid, position) <= ({mark}, {mark})")
             params += [bounds.until.txid, bounds.until.position]
+        if bounds.before is not None:
+            where.append(f"(txid, position) < ({mark}, {mark})")
+            params += [bounds.before.txid, bounds.before.position]
         if bounds.effective_until is not None:
             clause = f"effective_at <= {mark}"
             params.append(self._time_param(bounds.effective_until))
