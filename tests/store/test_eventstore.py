@@ -238,3 +238,14 @@ def test_positions_are_unique_and_versions_contiguous(store: EventStore) -> None
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count(func.distinct(events.c.position)))).scalar() == 6
     assert [r.stream_version for r in store.read_stream("b")] == [1, 2, 3]
+
+
+def test_text_with_tabs_newlines_and_backslashes_round_trips_exactly(store: EventStore) -> None:
+    awkward = "tab\there\nnew line\\back\\slash\r\u00e9\u20ac"
+    store.append([PendingEvent("odd\tstream", Noted(text=awkward), "key\\with\ttab", T0,
+                               {"note": awkward})])
+    read = next(store.read_all())
+    assert read.event == Noted(text=awkward)
+    assert read.metadata == {"note": awkward}
+    assert (read.stream_id, read.idempotency_key) == ("odd\tstream", "key\\with\ttab")
+    assert verify_chain(store.engine).ok
