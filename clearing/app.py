@@ -6,6 +6,7 @@ read models (after bringing them up to date), lets the domain decide, and record
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +23,7 @@ from clearing.domain.commands import BustTrade, NewFact, decide_bust
 from clearing.domain.events import TradeCleared
 from clearing.domain.instruments import Instrument
 from clearing.domain.ledger import Account, TradeRecord
+from clearing.domain.money import SETTLEMENT_ASSET
 from clearing.domain.risk_parameters import RiskParameters
 from clearing.projections import tables as t
 from clearing.projections.ledger import _load_trades, instrument_from_row
@@ -43,6 +45,10 @@ class ImportReport:
     @property
     def already_imported(self) -> bool:
         return self.written == 0
+
+
+VISIBILITY_WAIT_S = 60
+"""How long a command waits for an older concurrent writer before giving up."""
 
 
 class Ledger:
@@ -105,6 +111,10 @@ class Ledger:
         after = {a: b for (acct, a), b in state.balances.items() if acct == account_id}
         for asset, amount in withdrawn.items():
             after[asset] = after.get(asset, Decimal(0)) - amount
+        # Collateral without an index price yet can only add value: count it as worth nothing
+        # (a lower bound) rather than refuse; a debt in an unpriced asset is still refused.
+        priced = {s for s in state.marks if s not in state.instruments} | {SETTLEMENT_ASSET}
+        after = {a: b for a, b in after.items() if a in priced or b < 0}
         margin = margin_of(state, account_id, when, balances_override=after)
         if margin.equity < margin.initial:
             asset, amount = next(reversed(withdrawn.items()))
@@ -172,18 +182,34 @@ class Ledger:
             for i, f in enumerate(facts)
         ]
         result = self.store.append(pending, expected_versions)
-        self.refresh()
+        self._await_read_models(result)
         return result
+
+    def _await_read_models(self, result: AppendResult) -> None:
+        """Bring the read models up to what was just recorded, so the next decision sees
+        it. On PostgreSQL an older writer still in flight keeps newer facts invisible until
+        it commits (that is what keeps readers from skipping it); wait for it, bounded."""
+        self.refresh()
+        if not self.store.is_postgresql or not result.positions:
+            return
+        target = self.store.log_position_of(max(result.positions))
+        deadline = time.monotonic() + VISIBILITY_WAIT_S
+        while self.runner.checkpoint("ledger") < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"facts up to position {target.position} were recorded but "
+                                   f"are not yet readable after {VISIBILITY_WAIT_S} s: an older "
+                                   "transaction of another writer is still open")
+            time.sleep(0.01)
+            self.refresh()
 
     def import_file(self, kind: ImportKind, path: Path) -> ImportReport:
         """Parse, decide and record a whole file as one atomic append."""
         self.refresh()
         self._decision_state = None
         try:
-            decided = decide_file(kind, path, self, self.clock())
+            decided, rows = decide_file(kind, path, self, self.clock())
         finally:
             self._decision_state = None
-        rows = len({d.line for d in decided})
         if not decided:
             return ImportReport(str(kind), str(path), rows, 0, 0)
         metadata = [{"source": {"file": path.name, "line": d.line},

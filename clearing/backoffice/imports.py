@@ -253,8 +253,9 @@ def parse_mark(row: CsvRow) -> PublishMark:
 
 
 def decide_file(kind: ImportKind, path: Path, view: LedgerView,
-                now: datetime) -> list[DecidedRow]:
-    """Parse and decide every row of a file; refuse the whole file on any problem."""
+                now: datetime) -> tuple[list[DecidedRow], int]:
+    """Parse and decide every row of a file; refuse the whole file on any problem. Returns
+    the facts decided, each with its line, and the number of rows read."""
     rows = read_csv(path, COLUMNS[kind])
     problems = _Problems(str(path))
     decided: list[DecidedRow] = []
@@ -264,7 +265,7 @@ def decide_file(kind: ImportKind, path: Path, view: LedgerView,
     except _StopLooking:
         pass
     problems.raise_if_any()
-    return decided
+    return decided, len(rows)
 
 
 def _guard(problems: _Problems, line: int, action: Callable[[], object]) -> object | None:
