@@ -25,7 +25,7 @@ def _timestamp() -> sa.types.TypeEngine:
 def upgrade() -> None:
     op.create_table(
         "risk_parameter_changes",
-        sa.Column("position", sa.BigInteger(), primary_key=True),
+        sa.Column("position", sa.BigInteger(), primary_key=True, autoincrement=False),
         sa.Column("name", sa.Text(), nullable=False),
         sa.Column("underlying", sa.Text(), nullable=True),
         sa.Column("value", _decimal(), nullable=False),
