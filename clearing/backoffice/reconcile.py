@@ -103,6 +103,8 @@ LEDGER_PAGE_ROWS = 5_000
 """Read-model rows fetched per round trip of the streaming query."""
 TABLE_PAGE_ROWS = 1_000
 """Breaks per printed table: a person's screen gets pages, never one huge table."""
+PROGRESS_LINES = 20_000
+"""Lines read between two progress reports."""
 STREAM_ID = "reconciliations"
 ZERO = Decimal(0)
 TRADE_FIELDS = ("instrument", "buyer", "seller", "quantity", "price")
@@ -222,15 +224,26 @@ class _LineProblem(Exception):
         self.problem = problem
 
 
-def _physical_lines(handle: BinaryIO, name: str, digest: Any) -> Iterator[str]:
+Progress = Callable[[int], None]
+"""Told the bytes of the statement read so far, now and then."""
+
+
+def _physical_lines(handle: BinaryIO, name: str, digest: Any,
+                    progress: Progress | None = None) -> Iterator[str]:
     """The file's lines, decoded strictly, each at most `LINE_BYTES_MAX` bytes, feeding the
     SHA-256 of the whole file as they pass."""
     number = 0
+    read = 0
     while True:
         raw = handle.readline(LINE_BYTES_MAX + 1)
         if not raw:
+            if progress is not None:
+                progress(read)
             return
         number += 1
+        read += len(raw)
+        if progress is not None and number % PROGRESS_LINES == 0:
+            progress(read)
         digest.update(raw)
         if len(raw) > LINE_BYTES_MAX:
             raise _LineProblem(InputProblem(name, number, "row",
@@ -279,86 +292,96 @@ class Statement:
     """House accounts the statement lists on any line (balances)."""
 
 
-def read_statement(path: Path, kind: StatementKind, workdir: Path) -> Statement:
+def read_statement(path: Path, kind: StatementKind, workdir: Path,
+                   progress: Progress | None = None) -> Statement:
     """Validate every line, sort by key on disk under `workdir`, refuse duplicate keys."""
     name = str(path)
-    problems: list[InputProblem] = []
-    house: set[str] = set()
-    digest = hashlib.sha256()
-    counter = [0]
     try:
         handle = path.open("rb")
     except OSError as exc:
         raise InputRejected([InputProblem(name, 0, "file", exc.strerror or str(exc))]) from None
-    with handle:
-        rows = _records(handle, name, kind, problems, house, digest, counter)
-        with closing(rows):
-            records = sort_records(rows, _KEY, kind.codec, workdir)
-        if problems:
-            raise InputRejected(problems)
+    reading = _StatementReading(name, kind)
+    with handle, closing(reading.records(handle, progress)) as rows:
+        records = sort_records(rows, _KEY, kind.codec, workdir)
+    if reading.problems:
+        raise InputRejected(reading.problems)
     _refuse_duplicates(records, name, kind)
-    return Statement(name, counter[0], digest.hexdigest(), records, frozenset(house))
+    return Statement(name, reading.rows, reading.digest.hexdigest(), records,
+                     frozenset(reading.house_accounts))
 
 
-def _records(handle: BinaryIO, name: str, kind: StatementKind, problems: list[InputProblem],
-             house: set[str], digest: Any, counter: list[int]) -> Iterator[tuple[Any, ...]]:
-    """Valid records in file order; problems are collected (up to `ERRORS_REPORTED_MAX`),
-    and after the first one nothing more is yielded, only checked."""
-    reader = csv.reader(_physical_lines(handle, name, digest), strict=True)
-    try:
-        header = [h.strip() for h in next(reader)]
-        if not any(header) and not any(any(c.strip() for c in row) for row in reader):
-            raise StopIteration  # nothing but blank lines
-    except StopIteration:
-        problems.append(InputProblem(name, 1, "header", "the file is empty; expected "
-                                                        + ",".join(kind.columns)))
-        return
-    except _LineProblem as exc:
-        problems.append(exc.problem)
-        return
-    except csv.Error as exc:
-        problems.append(InputProblem(name, 1, "header", str(exc)))
-        return
-    problems.extend(_header_problems(name, header, kind.columns))
-    if problems:
-        return
-    while len(problems) < ERRORS_REPORTED_MAX:
-        line = reader.line_num + 1
+class _StatementReading:
+    """One pass over a statement file: valid records in file order, and what the pass
+    learns on the way (problems, data rows, the file's SHA-256, house accounts listed)."""
+
+    def __init__(self, name: str, kind: StatementKind) -> None:
+        self.name = name
+        self.kind = kind
+        self.problems: list[InputProblem] = []
+        self.rows = 0
+        self.digest = hashlib.sha256()
+        self.house_accounts: set[str] = set()
+
+    def records(self, handle: BinaryIO,
+                progress: Progress | None = None) -> Iterator[tuple[Any, ...]]:
+        """After the first problem nothing more is yielded, only checked, up to
+        `ERRORS_REPORTED_MAX` problems."""
+        name, kind, problems = self.name, self.kind, self.problems
+        reader = csv.reader(_physical_lines(handle, name, self.digest, progress), strict=True)
         try:
-            cells = next(reader)
+            header = [h.strip() for h in next(reader)]
+            if not any(header) and not any(any(c.strip() for c in row) for row in reader):
+                raise StopIteration  # nothing but blank lines
         except StopIteration:
-            break
+            problems.append(InputProblem(name, 1, "header", "the file is empty; expected "
+                                                            + ",".join(kind.columns)))
+            return
         except _LineProblem as exc:
             problems.append(exc.problem)
-            break
+            return
         except csv.Error as exc:
-            reason = str(exc)
-            if "field larger" in reason:
-                reason = f"a cell is longer than {FIELD_CHARS_MAX} characters"
-            problems.append(InputProblem(name, line, "row", reason))
-            break
-        cells = [c.strip() for c in cells]
-        if not any(cells):
-            continue
-        if counter[0] >= STATEMENT_ROWS_MAX:
-            problems.append(InputProblem(name, line, "file",
-                                         f"has more than {STATEMENT_ROWS_MAX} rows"))
-            break
-        counter[0] += 1
-        if len(cells) != len(header):
-            problems.append(InputProblem(name, line, "row", f"has {len(cells)} cells, the "
-                                                            f"header has {len(header)}"))
-            continue
-        values = dict(zip(header, cells, strict=True))
-        try:
-            record = kind.parse(values, line)
-        except _FieldProblem as exc:
-            problems.append(InputProblem(name, line, exc.field, exc.reason))
-            continue
-        if not problems:
-            if kind is BALANCES and record[0] in HOUSE_ACCOUNTS:
-                house.add(record[0])
-            yield record
+            problems.append(InputProblem(name, 1, "header", str(exc)))
+            return
+        problems.extend(_header_problems(name, header, kind.columns))
+        if problems:
+            return
+        while len(problems) < ERRORS_REPORTED_MAX:
+            # A record's line is where it starts (a quoted cell may span lines).
+            line = reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except _LineProblem as exc:
+                problems.append(exc.problem)
+                break
+            except csv.Error as exc:
+                reason = str(exc)
+                if "field larger" in reason:
+                    reason = f"a cell is longer than {FIELD_CHARS_MAX} characters"
+                problems.append(InputProblem(name, line, "row", reason))
+                break
+            cells = [c.strip() for c in cells]
+            if not any(cells):
+                continue
+            if self.rows >= STATEMENT_ROWS_MAX:
+                problems.append(InputProblem(name, line, "file",
+                                             f"has more than {STATEMENT_ROWS_MAX} rows"))
+                break
+            self.rows += 1
+            if len(cells) != len(header):
+                problems.append(InputProblem(name, line, "row", f"has {len(cells)} cells, "
+                                                                f"the header has {len(header)}"))
+                continue
+            try:
+                record = kind.parse(dict(zip(header, cells, strict=True)), line)
+            except _FieldProblem as exc:
+                problems.append(InputProblem(name, line, exc.field, exc.reason))
+                continue
+            if not problems:
+                if kind is BALANCES and record[0] in HOUSE_ACCOUNTS:
+                    self.house_accounts.add(record[0])
+                yield record
 
 
 def _header_problems(name: str, header: list[str],
@@ -568,15 +591,17 @@ class ReconcileReport:
 
 
 def reconcile(ledger: Ledger, kind: StatementKind, path: Path, sink: BreakSink,
-              tolerance: Decimal = ZERO) -> ReconcileReport:
-    """Compare a statement with the ledger, write every break to `sink`, record the run."""
+              tolerance: Decimal = ZERO, progress: Progress | None = None) -> ReconcileReport:
+    """Compare a statement with the ledger, write every break to `sink`, record the run.
+    `progress` hears how many bytes of the statement have been read (reading and sorting
+    it is most of the work)."""
     if tolerance < 0:
         raise ValueError("tolerance must not be negative")
     if kind is not BALANCES and tolerance != 0:
         raise ValueError("a tolerance applies to balances only")
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="clearing-reconcile-") as workdir:
-        statement = read_statement(path, kind, Path(workdir))
+        statement = read_statement(path, kind, Path(workdir), progress)
         ledger.refresh()
         with ledger.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
@@ -637,7 +662,8 @@ class JsonBreaks:
         self.first = False
 
     def finish(self, report: ReconcileReport) -> None:
-        self.out.write(("]" if self.first else "\n  ]") + f',\n  "matched": {report.matched}\n}}\n')
+        closing_bracket = "]" if self.first else "\n  ]"
+        self.out.write(f'{closing_bracket},\n  "matched": {report.matched}\n}}\n')
 
 
 class CsvBreaks:
