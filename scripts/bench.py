@@ -1,10 +1,16 @@
-"""Benchmark the event store against the bare driver on the same database (SPEC section 7).
+"""Benchmark the event store and the ledger against the bare driver on the same database
+(SPEC section 7).
 
-Every figure does the same work twice in one run on one database: through the store
+Every store figure does the same work twice in one run on one database: through the store
 (`EventStore.append`, `EventStore.read_all`) and with the bare driver (psycopg 3 or sqlite3)
 on a plain table of the same shape. The ratio is what the store's guarantees cost:
 idempotency checks, stream locks and versions, the hash chain, gap-free log order and typed
 decoding. Inputs (events, raw rows) are built outside the timed regions on both sides.
+
+The ledger figures (bench_ledger.py) follow: `clear_trades`, a whole trades file through
+`Ledger.import_file` on a second fresh place, against the bare driver appending the same rows;
+and the portfolio margin figures, pure computation against a bare numpy Black-76 repricing of
+the same positions (there is no database in them, see bench_ledger.py).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
 from bench_events import RAW_COLUMNS, Workload, bench_catalogue, payload_bytes
+from bench_ledger import LEDGER_SCALES, Figure, clear_trades, margin
 from clearing.domain.clock import storage_time
 from clearing.store.database import create_engine_for, upgrade
 from clearing.store.eventstore import EventStore
@@ -84,6 +91,15 @@ def rate_result(name: str, n: int, ours_s: float, raw_s: float) -> Result:
     """Rates: higher is better, so ratio = ours / raw (below 1: the store is slower)."""
     ours, raw = n / ours_s, n / raw_s
     return Result(name, RATE, n, round(ours, 1), round(raw, 1), round(ours / raw, 3))
+
+
+def figure_result(figure: Figure) -> Result:
+    """A ledger figure as a report row: ratio ours / raw for rates, raw / ours for times."""
+    if figure.rate:
+        return Result(figure.name, figure.unit, figure.n, round(figure.ours, 1),
+                      round(figure.raw, 1), round(figure.ours / figure.raw, 3))
+    return Result(figure.name, figure.unit, figure.n, round(figure.ours, 4),
+                  round(figure.raw, 4), round(figure.raw / figure.ours, 3))
 
 
 def log(message: str) -> None:
@@ -487,6 +503,11 @@ def machine_info(place: Place, server_version: str, run: dict[str, Any]) -> dict
     }
 
 
+def _number(value: float) -> str:
+    """Rates as whole numbers; times in ms (below 100) with three decimals."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.3f}"
+
+
 def render_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -497,8 +518,8 @@ def render_table(report: dict[str, Any]) -> None:
     for column in ("figure", "unit", "n", "ours", "raw", "ratio"):
         table.add_column(column, justify="left" if column in ("figure", "unit") else "right")
     for r in report["results"]:
-        table.add_row(r["name"], r["unit"], f"{r['n']:,}", f"{r['ours']:,.0f}",
-                      f"{r['raw']:,.0f}", f"{r['ratio']:.3f}")
+        table.add_row(r["name"], r["unit"], f"{r['n']:,}", _number(r["ours"]),
+                      _number(r["raw"]), f"{r['ratio']:.3f}")
     console.print(table)
     machine = Table(show_header=False, box=None)
     for key, value in report["machine"].items():
@@ -518,8 +539,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|--:|--:|--:|--:|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['name']} | {r['unit']} | {r['n']:,} | {r['ours']:,.0f} "
-                     f"| {r['raw']:,.0f} | {r['ratio']:.3f} |")
+        lines.append(f"| {r['name']} | {r['unit']} | {r['n']:,} | {_number(r['ours'])} "
+                     f"| {_number(r['raw'])} | {r['ratio']:.3f} |")
     lines.append("")
     lines += [f"- {key}: {value}" for key, value in report["machine"].items() if key != "run"]
     lines += [f"- run.{key}: {value}" for key, value in run.items()]
@@ -552,6 +573,17 @@ def run_bench(db: str, scale_name: str) -> dict[str, Any]:
             server_version = place.server_version()
         finally:
             engine.dispose()
+        ledger_scale = LEDGER_SCALES[scale_name]
+        log("clear_trades ...")
+        with open_place(db) as ledger_place:
+            figures, trades_notes = clear_trades(ledger_place, ledger_scale)
+        log("margin ...")
+        margin_figures, margin_notes = margin(ledger_scale)
+        for figure in [*figures, *margin_figures]:
+            result = figure_result(figure)
+            log(f"  {result.name}: ours {_number(result.ours)}, raw {_number(result.raw)} "
+                f"{result.unit}, ratio {result.ratio:.3f}")
+            results.append(result)
         run = {
             "backend": place.kind,
             "scale": scale_name,
@@ -561,6 +593,8 @@ def run_bench(db: str, scale_name: str) -> dict[str, Any]:
             "payload_bytes": payload_bytes(),
             "raw_table": "position primary key, idempotency_key unique; no other index "
                          "(the store's events table has 7 indexes and constraints)",
+            "clear_trades": trades_notes,
+            "margin": margin_notes,
             "total_s": round(time.perf_counter() - started, 1),
         }
         return {"machine": machine_info(place, server_version, run),
@@ -580,8 +614,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "executemany per batch + commit), append_copy_raw_reference (PostgreSQL only: "
             "COPY of the same rows, per batch + commit), read_all (store pages of "
             f"{READ_PAGE_SIZE:,}, typed decode; raw: server-side cursor + json.loads), "
-            "append_single (one event per transaction; raw: INSERT + commit). Scales: "
-            + ", ".join(f"{name} N={s.events:,} (single {s.single_events:,})"
+            "append_single (one event per transaction; raw: INSERT + commit); then, on a "
+            "second fresh place, clear_trades (one trades file of two-leg trades through "
+            "Ledger.import_file: parse, decide, append, projections; raw: COPY (PostgreSQL) "
+            "or executemany (SQLite) of the same rows in one transaction), "
+            "clear_trades_append_only (the store's append within that import, same raw), "
+            "and the pure margin figures margin_portfolio_batch, margin_pretrade_p50/p99 "
+            "(portfolio_requirements_many / portfolio_requirement; raw: bare numpy "
+            "Black-76 over the same positions and scenarios). Scales: "
+            + ", ".join(f"{name} N={s.events:,} (single {s.single_events:,}), "
+                        f"{LEDGER_SCALES[name].trades:,} trades over "
+                        f"{LEDGER_SCALES[name].accounts:,} accounts, "
+                        f"{LEDGER_SCALES[name].margin_books:,} margin books"
                         for name, s in SCALES.items()) + "."
         ),
     )
