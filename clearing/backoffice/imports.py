@@ -7,6 +7,7 @@ carries the venue's or custodian's own id as its idempotency key.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,6 +55,7 @@ from clearing.backoffice.csvinput import (
     read_csv,
 )
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
 REFERENCE_CHARS_MAX = 128
 OWNER_CHARS_MAX = 200
 LEGS_MAX = 16
@@ -136,7 +138,7 @@ def _text(row: CsvRow, field: str, limit: int = REFERENCE_CHARS_MAX) -> str:
         raise FieldProblem(field, "is required")
     if len(value) > limit:
         raise FieldProblem(field, f"is longer than {limit} characters")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL_CHARACTERS.search(value):
         raise FieldProblem(field, "contains control characters")
     return value
 

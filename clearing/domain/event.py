@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 
 JsonObject = dict[str, Any]
 Upcaster = Callable[[JsonObject], JsonObject]
@@ -100,7 +100,7 @@ class EventCatalogue:
             payload = step(payload)
             version += 1
         try:
-            return model.model_validate(payload)
+            return model.model_validate(payload, context=FROM_THE_LOG)
         except ValidationError as exc:
             raise InvalidEventPayload(type_name, exc.errors()) from None
 
@@ -108,6 +108,16 @@ class EventCatalogue:
         """Refuse an event whose class is not the one registered under its type name."""
         if self.model(event.type_name) is not type(event):
             raise UnknownEventType(event.type_name)
+
+
+FROM_THE_LOG = {"from_the_log": True}
+"""Validation context for decoding a stored event: it was checked in full when it was
+recorded and the hash chain vouches for it since, so whole-model rules (postings balance,
+legs numbered) are not re-run on every read; field types are still parsed and checked."""
+
+
+def from_the_log(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("from_the_log"))
 
 
 catalogue = EventCatalogue()

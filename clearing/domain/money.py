@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import decimal
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Annotated
 
@@ -37,10 +37,10 @@ Decimal also reads `1_000` and non-ASCII digits (`１０`); an input file may no
 class AssetSpec:
     code: str
     scale: int
+    quantum: Decimal = field(init=False)
 
-    @property
-    def quantum(self) -> Decimal:
-        return Decimal(1).scaleb(-self.scale)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantum", Decimal(1).scaleb(-self.scale))
 
 
 ASSETS: dict[str, AssetSpec] = {

@@ -42,14 +42,13 @@ def check_balanced(postings: Iterable[Posting]) -> None:
 
 def net_postings(movements: Iterable[tuple[str, str, Decimal]]) -> tuple[Posting, ...]:
     """Net (account, asset, amount) movements into one posting per account and asset, in a
-    canonical order, dropping zeros, and check the result balances."""
+    canonical order, dropping zeros, each at its asset's scale (refusing an amount that does
+    not fit it). The event carrying them checks that they balance (`MoneyMovement`)."""
     totals: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for account_id, asset, amount in movements:
         totals[(account_id, asset)] += amount
-    postings = tuple(
+    return tuple(
         Posting(account_id=account_id, asset=asset, amount=quantize(amount, asset))
         for (account_id, asset), amount in sorted(totals.items())
         if amount != 0
     )
-    check_balanced(postings)
-    return postings

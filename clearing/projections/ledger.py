@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Table, select, tuple_
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from clearing.domain.events import TradeLeg
@@ -45,13 +45,18 @@ class LedgerProjection:
     def apply(self, conn: Connection, facts: Sequence[Fact], tables: Tables) -> None:
         keys = touched([f.event for f in facts])
         state = load_state(conn, tables, keys)
+        before = state_rows(state)
         for fact in facts:
             evolve(state, fact)
-        save_state(conn, tables, state)
+        save_state(conn, tables, state, unchanged_from=before)
 
 
 def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any]) -> list[Any]:
     keys = list(keys)
+    if not keys:
+        return []
+    if conn.dialect.name == "postgresql":
+        return _in_postgresql(conn, table, columns, keys)
     rows: list[Any] = []
     for start in range(0, len(keys), KEY_CHUNK):
         chunk = keys[start : start + KEY_CHUNK]
@@ -61,6 +66,32 @@ def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any])
             condition = tuple_(*(table.c[c] for c in columns)).in_(chunk)
         rows.extend(conn.execute(select(table).where(condition)))
     return rows
+
+
+def _in_postgresql(conn: Connection, table: Table, columns: list[str],
+                   keys: list[Any]) -> list[Any]:
+    """Rows by key through a join on unnested arrays: one statement, index lookups, however
+    many keys (an IN list of row values is checked row by row)."""
+    db = conn.connection.driver_connection
+    name = _quoted(table.name)
+    if len(columns) == 1:
+        sql = f'SELECT * FROM {name} WHERE "{columns[0]}" = ANY(%s)'
+        params: tuple[Any, ...] = (keys,)
+    else:
+        arrays = ", ".join("%s::text[]" for _ in columns)
+        names = ", ".join(f"k{i}" for i in range(len(columns)))
+        join = " AND ".join(f't."{c}" = k.k{i}' for i, c in enumerate(columns))
+        sql = f"SELECT t.* FROM {name} t JOIN unnest({arrays}) AS k({names}) ON {join}"
+        params = tuple([key[i] for key in keys] for i in range(len(columns)))
+    with db.cursor(row_factory=namedtuple_row) as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+
+def _quoted(name: str) -> str:
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"unexpected table name {name!r}")
+    return f'"{name}"'
 
 
 def instrument_from_row(row: Any) -> Instrument:
@@ -128,7 +159,10 @@ def _load_trades(state: LedgerState, rows: Iterable[Any]) -> None:
 def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    if conn.dialect.name == "postgresql":
+        _upsert_postgresql(conn, table, rows)
+        return
+    insert = sqlite_insert
     statement = insert(table)
     keys = [c.name for c in table.primary_key.columns]
     statement = statement.on_conflict_do_update(
@@ -136,6 +170,36 @@ def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
         set_={c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys},
     )
     conn.execute(statement, rows)
+
+
+def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """COPY into a session-scoped scratch table, then one INSERT ... ON CONFLICT from it."""
+    db = conn.connection.driver_connection
+    name = _quoted(table.name)
+    scratch = _quoted(f"scratch_{table.name}")
+    columns = [c.name for c in table.columns]
+    keys = [c.name for c in table.primary_key.columns]
+    column_list = ", ".join(f'"{c}"' for c in columns)
+    updates = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in keys)
+    with db.cursor() as cur:
+        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {scratch} "
+                    f"(LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        _copy_rows(cur, scratch, columns, rows)
+        cur.execute(f"INSERT INTO {name} ({column_list}) SELECT {column_list} FROM {scratch} "
+                    f"ON CONFLICT ({', '.join(chr(34) + k + chr(34) for k in keys)}) "
+                    f"DO UPDATE SET {updates}")
+        cur.execute(f"TRUNCATE {scratch}")
+
+
+def _copy_rows(cur: Any, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    with cur.copy(f"COPY {table} ({', '.join(chr(34) + c + chr(34) for c in columns)}) "
+                  "FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
+
+
+def _primary_key(table: Table) -> list[str]:
+    return [c.name for c in table.primary_key.columns]
 
 
 def state_rows(state: LedgerState) -> dict[str, list[dict[str, Any]]]:
@@ -198,12 +262,25 @@ def state_rows(state: LedgerState) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def save_state(conn: Connection, tables: Tables, state: LedgerState) -> None:
+def save_state(conn: Connection, tables: Tables, state: LedgerState,
+               unchanged_from: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """Write the state's rows back; rows equal to `unchanged_from` (as loaded) are skipped."""
     rows = state_rows(state)
     statement_rows = rows.pop("statement")
     for name, table_rows in rows.items():
+        if unchanged_from is not None and unchanged_from.get(name):
+            keys = _primary_key(tables[name])
+            loaded = {tuple(r[k] for k in keys): r for r in unchanged_from[name]}
+            table_rows = [r for r in table_rows
+                          if loaded.get(tuple(r[k] for k in keys)) != r]
         _upsert(conn, tables[name], table_rows)
-    if statement_rows:
+    if not statement_rows:
+        return
+    if conn.dialect.name == "postgresql":
+        columns = [c.name for c in tables["statement"].columns]
+        with conn.connection.driver_connection.cursor() as cur:
+            _copy_rows(cur, _quoted(tables["statement"].name), columns, statement_rows)
+    else:
         conn.execute(tables["statement"].insert(), statement_rows)
 
 

@@ -12,13 +12,14 @@ flight. A transaction that commits late therefore becomes visible only once noth
 still appear, and always after everything a reader has already seen.
 
 Which transactions are event writers: every append first takes a shared advisory lock keyed by
-its backend, before its transaction has an id. A reader takes its snapshot, then looks up the
-in-flight transactions of backends holding that lock; the oldest of them (or the snapshot's
-xmax when there is none) bounds the read. An unrelated long transaction elsewhere on the
-server (an analyst's open session) therefore does not hold readers back, as a bound on
-`pg_snapshot_xmin` would. Stream locks are advisory locks taken before the transaction's
-first write too, so a writer that waited for a stream gets a later txid than the writer it
-waited for, and stream versions follow the log order.
+its log (the database and schema it writes to), before its transaction has an id. A reader
+takes its snapshot, then looks up the in-flight transactions of backends holding its log's
+lock; the oldest of them (or the snapshot's xmax when there is none) bounds the read. An
+unrelated long transaction elsewhere on the server (an analyst's open session, or an append
+to another ledger in another database or schema) therefore does not hold readers back, as a
+bound on `pg_snapshot_xmin` would. Stream locks are advisory locks taken before the
+transaction's first write too, so a writer that waited for a stream gets a later txid than
+the writer it waited for, and stream versions follow the log order.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sqlalchemy.exc import DBAPIError
 
 from clearing.domain.clock import ensure_utc, from_storage_time, storage_time
 from clearing.domain.event import (
+    FROM_THE_LOG,
     Event,
     EventCatalogue,
     InvalidEventPayload,
@@ -78,6 +80,8 @@ writers AS (
     SELECT a.backend_xid::text::bigint AS xid32
     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
     WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objsubid = 2 AND l.granted
+      AND l.objid = (hashtext(current_schema()) & 2147483647)::oid
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND a.backend_xid IS NOT NULL
 )
 SELECT coalesce(
@@ -86,6 +90,8 @@ SELECT coalesce(
     (SELECT pg_snapshot_xmax(s)::text::bigint FROM snap))
 """
 KEY_CHUNK = 900
+RECENT_EVENTS_MAX = 250_000
+"""Typed events kept in memory after an append, for this process's next read of them."""
 
 
 @dataclass(frozen=True, order=True)
@@ -129,53 +135,61 @@ class PendingEvent:
 
 
 class RecordedEvent:
-    """An event as stored, with its envelope. The typed event and the metadata are decoded
-    on first use: a fold that reads a million facts pays for exactly what it touches."""
+    """An event as stored, with its envelope. It wraps the stored row and decodes on first
+    use (the typed event, the metadata, SQLite's text times): a fold that reads a million
+    facts pays for exactly what it touches."""
 
-    __slots__ = ("position", "txid", "stream_id", "stream_version", "event_id", "type",
-                 "schema_version", "payload", "_metadata", "effective_at", "recorded_at",
-                 "idempotency_key", "hash", "_event", "_catalogue")
+    __slots__ = ("_row", "_event", "_metadata", "_catalogue", "_text_times")
 
-    def __init__(self, position: int, txid: int, stream_id: str, stream_version: int,
-                 event_id: str, type: str, schema_version: int, payload: str, metadata: str,
-                 effective_at: datetime, recorded_at: datetime, idempotency_key: str,
-                 hash: str, event_catalogue: EventCatalogue) -> None:
-        self.position = position
-        self.txid = txid
-        self.stream_id = stream_id
-        self.stream_version = stream_version
-        self.event_id = event_id
-        self.type = type
-        self.schema_version = schema_version
-        self.payload = payload
-        self._metadata: Any = metadata
-        self.effective_at = effective_at
-        self.recorded_at = recorded_at
-        self.idempotency_key = idempotency_key
-        self.hash = hash
+    def __init__(self, row: tuple[Any, ...], event_catalogue: EventCatalogue,
+                 text_times: bool = False) -> None:
+        self._row = row
         self._event: Event | None = None
+        self._metadata: dict[str, Any] | None = None
         self._catalogue = event_catalogue
+        self._text_times = text_times
+
+    position = property(lambda self: self._row[0])
+    txid = property(lambda self: self._row[1])
+    stream_id = property(lambda self: self._row[2])
+    stream_version = property(lambda self: self._row[3])
+    event_id = property(lambda self: self._row[4])
+    type = property(lambda self: self._row[5])
+    schema_version = property(lambda self: self._row[6])
+    payload = property(lambda self: self._row[7])
+    idempotency_key = property(lambda self: self._row[11])
+    hash = property(lambda self: self._row[12])
+
+    @property
+    def effective_at(self) -> datetime:
+        value = self._row[9]
+        return from_storage_time(value) if self._text_times else value
+
+    @property
+    def recorded_at(self) -> datetime:
+        value = self._row[10]
+        return from_storage_time(value) if self._text_times else value
 
     @property
     def event(self) -> Event:
         """The typed event, upcast from an older schema version when needed."""
         if self._event is None:
-            model = self._catalogue.model(self.type)
-            if self.schema_version == model.schema_version:
+            row = self._row
+            model = self._catalogue.model(row[5])
+            if row[6] == model.schema_version:
                 try:
-                    self._event = model.model_validate_json(self.payload)
+                    self._event = model.model_validate_json(row[7], context=FROM_THE_LOG)
                 except ValidationError as exc:
-                    raise InvalidEventPayload(self.type, exc.errors()) from None
+                    raise InvalidEventPayload(row[5], exc.errors()) from None
             else:
-                self._event = self._catalogue.decode(self.type, self.schema_version,
-                                                     json.loads(self.payload))
+                self._event = self._catalogue.decode(row[5], row[6], json.loads(row[7]))
         return self._event
 
     @property
     def metadata(self) -> dict[str, Any]:
-        if isinstance(self._metadata, str):
-            self._metadata = json.loads(self._metadata)
-        return self._metadata  # type: ignore[no-any-return]
+        if self._metadata is None:
+            self._metadata = json.loads(self._row[8])
+        return self._metadata
 
     @property
     def log_position(self) -> LogPosition:
@@ -211,6 +225,7 @@ class AppendResult:
 
 @dataclass(frozen=True)
 class _Prepared:
+    event: Event
     index: int
     stream_id: str
     type_name: str
@@ -256,6 +271,7 @@ class EventStore:
         self.catalogue = event_catalogue
         self.clock = clock
         self.is_postgresql = engine.dialect.name == "postgresql"
+        self._recent: dict[int, Event] = {}
 
     # ------------------------------------------------------------------ append
 
@@ -276,11 +292,24 @@ class EventStore:
             attempt += 1
             try:
                 with write_transaction(self.engine) as conn:
-                    return self._append_in(conn, prepared, expected, check_keys)
+                    result = self._append_in(conn, prepared, expected, check_keys)
+                self._remember(prepared, result)
+                return result
             except (DBAPIError, psycopg.Error, sqlite3.Error) as exc:
                 if attempt >= APPEND_RETRIES_MAX or not _is_transient(exc):
                     raise
                 check_keys = True
+
+    def _remember(self, prepared: list[_Prepared], result: AppendResult) -> None:
+        """Keep the typed events just committed, by position, so that this process's next
+        read of them (the read models catching up) need not parse them back from JSON:
+        the stored payload is exactly their serialisation."""
+        if not result.written:
+            return
+        if len(self._recent) + len(prepared) > RECENT_EVENTS_MAX:
+            self._recent.clear()
+        for p, position in zip(prepared, result.positions, strict=True):
+            self._recent[position] = p.event
 
     def _prepare(self, pending: Sequence[PendingEvent]) -> list[_Prepared]:
         if not pending:
@@ -298,6 +327,7 @@ class EventStore:
                 raise PayloadTooLarge(index, size, PAYLOAD_BYTES_MAX)
             prepared.append(
                 _Prepared(
+                    event=item.event,
                     index=index,
                     stream_id=item.stream_id,
                     type_name=item.event.type_name,
@@ -376,9 +406,10 @@ class EventStore:
     def _lock_streams(self, db: Any, stream_ids: list[str]) -> None:
         buckets = sorted({zlib.crc32(s.encode("utf-8")) % LOCK_BUCKETS for s in stream_ids})
         with db.cursor() as cur:
-            # First, before this transaction has an id: mark it as an event writer.
-            cur.execute("SELECT pg_advisory_xact_lock_shared(%s, pg_backend_pid())",
-                        (WRITER_NAMESPACE,))
+            # First, before this transaction has an id: mark it as an event writer of this
+            # log (the lock is database-wide; its second key names the schema).
+            cur.execute("SELECT pg_advisory_xact_lock_shared(%s, "
+                        "hashtext(current_schema()) & 2147483647)", (WRITER_NAMESPACE,))
             cur.execute(
                 "SELECT count(pg_advisory_xact_lock(%s, b)) FROM "
                 "(SELECT b FROM unnest(%s::integer[]) AS b ORDER BY b) AS ordered",
@@ -467,18 +498,19 @@ class EventStore:
         bounds = bounds or LogFilter()
         cursor = after
         remaining = limit
-        # One bound serves the whole read: every event below it is from a transaction that
-        # had finished when it was taken, so later pages may use it safely.
-        visible_below = self.visible_bound()
-        while remaining is None or remaining > 0:
-            size = page_size if remaining is None else min(page_size, remaining)
-            page = self._read_page(cursor, bounds, size, visible_below)
-            yield from page
-            if remaining is not None:
-                remaining -= len(page)
-            if len(page) < size:
-                return
-            cursor = page[-1].log_position
+        with self.engine.connect() as conn:
+            # One bound serves the whole read: every event below it is from a transaction
+            # that had finished when it was taken, so later pages may use it safely.
+            visible_below = self._visible_bound(conn)
+            while remaining is None or remaining > 0:
+                size = page_size if remaining is None else min(page_size, remaining)
+                page = self._read_page(cursor, bounds, size, visible_below, conn)
+                yield from page
+                if remaining is not None:
+                    remaining -= len(page)
+                if len(page) < size:
+                    return
+                cursor = page[-1].log_position
 
     def visible_bound(self) -> int | None:
         """The txid below which every event writer has finished (PostgreSQL; None on
@@ -486,14 +518,19 @@ class EventStore:
         if not self.is_postgresql:
             return None
         with self.engine.connect() as conn:
-            with _driver(conn).cursor() as cur:
-                cur.execute(_READ_BOUND_SQL, (WRITER_NAMESPACE,))
-                bound = int(cur.fetchone()[0])
-            conn.rollback()
+            return self._visible_bound(conn)
+
+    def _visible_bound(self, conn: Connection) -> int | None:
+        if not self.is_postgresql:
+            return None
+        with _driver(conn).cursor() as cur:
+            cur.execute(_READ_BOUND_SQL, (WRITER_NAMESPACE,))
+            bound = int(cur.fetchone()[0])
+        conn.rollback()
         return bound
 
     def _read_page(self, after: LogPosition, bounds: LogFilter, size: int,
-                   visible_below: int | None) -> list[RecordedEvent]:
+                   visible_below: int | None, conn: Connection) -> list[RecordedEvent]:
         pg = self.is_postgresql
         mark = "%s" if pg else "?"
         where = [f"(txid, position) > ({mark}, {mark})"]
@@ -525,28 +562,33 @@ class EventStore:
             params.append(bounds.stream_id)
         sql = (f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} "
                f"ORDER BY txid, position LIMIT {int(size)}")
-        return self._query_events(sql, params)
+        return self._query_events(sql, params, conn)
 
     def _time_param(self, value: datetime) -> Any:
         return ensure_utc(value) if self.is_postgresql else storage_time(value)
 
-    def _query_events(self, sql: str, params: Sequence[Any]) -> list[RecordedEvent]:
-        with self.engine.connect() as conn:
-            db = _driver(conn)
-            cur = db.cursor()
-            try:
-                cur.execute(sql, tuple(params))
-                rows = cur.fetchall()
-            finally:
-                cur.close()
-            conn.rollback()
+    def _query_events(self, sql: str, params: Sequence[Any],
+                      conn: Connection | None = None) -> list[RecordedEvent]:
+        if conn is None:
+            with self.engine.connect() as own:
+                return self._query_events(sql, params, own)
+        cur = _driver(conn).cursor()
+        try:
+            cur.execute(sql, tuple(params))
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        conn.rollback()  # each page its own snapshot; hold nothing open between pages
         catalogue_ = self.catalogue
-        if self.is_postgresql:
-            return [RecordedEvent(*row, catalogue_) for row in rows]
-        parse = from_storage_time
-        return [RecordedEvent(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                              parse(r[9]), parse(r[10]), r[11], r[12], catalogue_)
-                for r in rows]
+        text_times = not self.is_postgresql
+        found = [RecordedEvent(row, catalogue_, text_times) for row in rows]
+        recent = self._recent
+        if recent:
+            for recorded in found:
+                event = recent.pop(recorded.position, None)
+                if event is not None and type(event).schema_version == recorded._row[6]:
+                    recorded._event = event
+        return found
 
     def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         """One stream in version order (a stream is small: an account, a trade)."""
