@@ -295,7 +295,9 @@ def _deleverage(work: _Work, record, batch_id: str, bankrupt: str,  # type: igno
             break
         needed = (remaining / per_unit).quantize(QUANTITY_QUANTUM, ROUND_CEILING)
         closing = min(abs(candidate.quantity), available_from_house, needed)
-        recovered = min(credit_rounded(closing * per_unit, SETTLEMENT_ASSET), remaining)
+        # Rounded up: the last close covers what is left to the micro-dollar, so the
+        # bankrupt account ends at zero rather than a rounding step below it.
+        recovered = min(charge_rounded(closing * per_unit, SETTLEMENT_ASSET), remaining)
         event = AutoDeleveraged(
             batch_id=batch_id, bankrupt_account=bankrupt, counterparty=candidate.account_id,
             instrument=symbol, quantity=closing, bankruptcy_price=bankruptcy_price,
