@@ -307,6 +307,8 @@ def _reconcile(kind_name: str, file: Path, db: str | None, tolerance: str, json_
                csv_: bool) -> None:
     import sys
 
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
     from clearing.backoffice import reconcile as r
     from clearing.domain.money import InvalidAmount, parse_decimal
 
@@ -321,7 +323,19 @@ def _reconcile(kind_name: str, file: Path, db: str | None, tolerance: str, json_
         sink = r.CsvBreaks(sys.stdout)
     else:
         sink = r.TableBreaks(render.stdout, f"Breaks: {kind_name} statement {file.name}")
-    report = r.reconcile(Ledger.open(db), r.KINDS[kind_name], file, sink, amount)
+    ledger = Ledger.open(db)
+    shown = not (json_ or csv_) and render.stderr.is_terminal
+    total = file.stat().st_size if file.is_file() else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  console=render.stderr, transient=True, disable=not shown) as bar:
+        task = bar.add_task(f"reading {file.name}", total=total)
+
+        def progress(done: int) -> None:
+            bar.update(task, completed=done)
+            if done == total:
+                bar.stop()  # all read; sorting the last run and the breaks follow
+
+        report = r.reconcile(ledger, r.KINDS[kind_name], file, sink, amount, progress)
     if report.breaks:
         raise typer.Exit(EXIT_PROBLEMS)
 
@@ -353,6 +367,42 @@ def reconcile_trades(file: StatementFile, db: Db = None, json_: Json = False,
     Busted trades no longer stand: a statement still listing them shows missing_in_ledger
     breaks. Each run is recorded in the log."""
     _reconcile("trades", file, db, "0", json_, csv_)
+
+
+@app.command()
+@handles_errors
+def report(
+    html: Annotated[Path, typer.Option("--html", metavar="FILE", help="Write the page to "
+                                       "FILE (replaced if it exists).")],
+    db: Db = None, as_of: AsOf = None,
+) -> None:
+    """One self-contained HTML page of the ledger's state and history: index prices with
+    the liquidations, equity and margin utilisation, the insurance fund, open interest,
+    margin calls and reconciliation runs. Reads the log; writes nothing to the ledger."""
+    import os
+    import time
+
+    from clearing.backoffice.report import TooManyLateFacts, gather
+    from clearing.backoffice.report_html import render_page
+
+    began = time.monotonic()
+    try:
+        data = gather(Ledger.open(db), _time(as_of))
+    except TooManyLateFacts as exc:
+        render.error(f"error: {exc}")
+        raise typer.Exit(EXIT_PROBLEMS) from None
+    page = render_page(data).encode("utf-8")
+    partial = html.with_name(f".{html.name}.partial")
+    try:
+        partial.write_bytes(page)
+        os.replace(partial, html)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        render.error(f"{html}: cannot write the report: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    render.stdout.print(f"{html}: {len(page) / 1024:,.0f} KiB, {data.facts:,} events, "
+                        f"{len(data.samples)} margin samples, "
+                        f"{time.monotonic() - began:.1f} s", markup=False, highlight=False)
 
 
 @projections_app.command("rebuild")
@@ -448,6 +498,108 @@ def margin(
                      as_csv=csv_, numeric=columns[2:7] + columns[8:])
 
 
+def _pairs(values: list[str] | None, option: str) -> list[tuple[str, str]]:
+    """`NAME=VALUE` options, in order."""
+    found = []
+    for value in values or []:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise typer.BadParameter(f"{value!r} is not NAME=VALUE", param_hint=option)
+        found.append((name.strip(), text.strip()))
+    return found
+
+
+@app.command()
+@handles_errors
+def stress(
+    db: Db = None,
+    scenario: Annotated[list[str] | None, typer.Option(
+        "--scenario", metavar="NAME", help="A scenario to run (repeatable); default: every "
+        "shipped scenario and every one in --scenarios FILE.")] = None,
+    shock: Annotated[list[str] | None, typer.Option(
+        "--shock", metavar="UNDERLYING=MOVE", help="Run one custom scenario instead: a "
+        "relative move per underlying, e.g. --shock BTC=-0.3 --shock ETH=-35%.")] = None,
+    vol_shock: Annotated[str | None, typer.Option(
+        "--vol-shock", metavar="FACTOR", help="Multiply implied volatilities by FACTOR (for "
+        "--shock; with named scenarios it replaces their own factor).")] = None,
+    scenarios_file: Annotated[Path | None, typer.Option(
+        "--scenarios", metavar="FILE", help="More scenarios, JSON (.json) or TOML: a list "
+        "under 'scenario', each with name, moves {U = MOVE}, optional vol (a factor or "
+        "{U = FACTOR}) and description.")] = None,
+    depth: Annotated[list[str] | None, typer.Option(
+        "--depth", metavar="UNDERLYING=USD", help="Market depth for the price impact of "
+        "liquidations (repeatable; default BTC=10000000 ETH=4000000).")] = None,
+    impact: Annotated[str | None, typer.Option(
+        "--impact", metavar="K", help="Impact coefficient: a round's move is -K x net USD "
+        "sold / depth (default 1).")] = None,
+    as_of: AsOf = None,
+    top: Annotated[int, typer.Option("--top", min=1, max=100_000,
+                                     help="Accounts listed per scenario in the tables.")] = 10,
+    json_: Json = False,
+) -> None:
+    """Revalue the book under price and volatility shocks, in memory: losses, accounts below
+    maintenance and bankrupt, the deleveraging cascade (liquidations moving prices, round by
+    round, collateral sales included), what the insurance fund covers and what falls to
+    auto-deleveraging, and Cover-1 / Cover-2 against the fund. Writes nothing to the ledger.
+
+    Shipped scenarios: covid-2020-03-12 (BTC -37%, ETH -42%, vol x2.5), china-2021-05-19
+    (BTC -14%, ETH -27%, vol x1.5), china-2021-05-19-intraday (BTC -30%, ETH -44%, vol x2),
+    crash-30, rally-30 (all -/+30%, vol x2), decouple-btc-down (BTC -20%, ETH +10%),
+    decouple-eth-down (ETH -25%, BTC +5%); the model and the sources are documented in
+    clearing/domain/stress.py and stress_scenarios.py."""
+    from decimal import Decimal
+
+    from clearing.backoffice.stress_report import (
+        load_scenario_file,
+        print_stress,
+        run_stress,
+        stress_document,
+    )
+    from clearing.domain.money import InvalidAmount, parse_decimal
+    from clearing.domain.stress import DEFAULT_CASCADE, CascadeParameters
+    from clearing.domain.stress_scenarios import (
+        ScenarioError,
+        UnknownScenario,
+        choose,
+        custom_scenario,
+        parse_move,
+        parse_vol_factor,
+    )
+
+    if scenario and shock:
+        raise typer.BadParameter("give --scenario or --shock, not both", param_hint="--shock")
+    try:
+        factor = None if vol_shock is None else parse_vol_factor(vol_shock)
+        extra = [] if scenarios_file is None else load_scenario_file(scenarios_file)
+        if shock:
+            chosen = [custom_scenario({u: parse_move(m, "--shock", u)
+                                       for u, m in _pairs(shock, "--shock")},
+                                      factor if factor is not None else Decimal(1))]
+        else:
+            chosen = choose(scenario or [], extra)
+            if factor is not None:
+                chosen = [s.with_vol_factor(factor) for s in chosen]
+    except (ScenarioError, UnknownScenario) as exc:
+        render.error(f"error: {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        depths = {u: parse_decimal(v, scale=2, positive=True)
+                  for u, v in _pairs(depth, "--depth")}
+        coefficient = DEFAULT_CASCADE.impact_coefficient if impact is None else \
+            parse_decimal(impact, scale=8, non_negative=True)
+    except InvalidAmount as exc:
+        raise typer.BadParameter(str(exc), param_hint="--depth/--impact") from None
+    cascade = CascadeParameters(depth_usd={**DEFAULT_CASCADE.depth_usd, **depths},
+                                impact_coefficient=coefficient)
+    ledger = Ledger.open(db)
+    at = _time(as_of) or ledger.clock()
+    report = run_stress(ledger, at, chosen, cascade)
+    if json_:
+        render.emit_json(stress_document(report))
+    else:
+        print_stress(report, render.stdout, top)
+
+
 @app.command("account-model")
 @handles_errors
 def account_model(
@@ -488,6 +640,59 @@ def run(
     for d in documents:
         state = "already done" if d["already_done"] else f"{d['events_written']} events"
         render.stdout.print(f"{d['job']} at {d['at']}: {state} (batch {d['batch_id']})")
+
+
+@app.command()
+@handles_errors
+def scheduler(
+    db: Db = None,
+    schedule: Annotated[Path | None, typer.Option(
+        "--schedule", metavar="FILE", help="A TOML or JSON schedule replacing the default "
+        "(mtm hourly, then liquidate and margin; funding 00/08/16; settle 08:00; risk 00:05 "
+        "UTC).")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Run every missed batch up to now (or "
+                                       "--until), in order, then exit.")] = False,
+    until: Annotated[str | None, typer.Option("--until", metavar="TIME", help="Stop at TIME; "
+                                              "with --once, catch up to TIME instead of now.")
+                     ] = None,
+    since: Annotated[str | None, typer.Option("--since", metavar="TIME", help="Where a job "
+                                              "that never completed a batch starts catching "
+                                              "up (default: when the scheduler starts).")
+                     ] = None,
+    json_: Json = False,
+) -> None:
+    """Run the jobs on their schedule (APScheduler) until stopped. On start, and at every
+    tick, each batch missed since the job's last completed one runs once, in order (at most
+    7 days back). Any number of schedulers may serve one database: a batch runs only once."""
+    import logging
+
+    from clearing.jobs.schedule import ScheduleError, load
+    from clearing.jobs.scheduler import run_once, serve
+
+    try:
+        plan = load(schedule)
+    except ScheduleError as exc:
+        render.error(f"error: {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if not once:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        serve(db, plan, since=_time(since), until=_time(until))
+        return
+    result = run_once(db, plan, until=_time(until), since=_time(since))
+    documents = [{"job": r.job, "batch_id": r.batch_id, "at": format_time(r.at),
+                  "events_written": r.events_written, "already_done": r.already_done}
+                 for r in result.runs]
+    if json_:
+        render.emit_json(documents)
+    else:
+        for d in documents:
+            state = "already done" if d["already_done"] else f"{d['events_written']} events"
+            render.stdout.print(f"{d['job']} at {d['at']}: {state}")
+    for failure in result.failures:
+        render.error(f"{failure.job} at {format_time(failure.at)} failed: {failure.error}")
+    if result.failures:
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @risk_app.command("show")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from clearing.app import Ledger
 from clearing.domain.clock import storage_time
@@ -55,6 +55,8 @@ CHUNK_EVENTS_ENV = "CLEARING_CHUNK_EVENTS"
 PAUSE_AFTER_CHUNK_ENV = "CLEARING_TEST_PAUSE_AFTER_CHUNK"
 JOB_LOCK_NAMESPACE = 0x4A42  # "JB"
 LOCK_TIMEOUT_S = 600
+VISIBILITY_TIMEOUT_S = 600
+"""Longest wait, before deciding, for older appends still in flight (PostgreSQL)."""
 
 JobFunction = Callable[[LedgerState, datetime, str], list[NewFact]]
 
@@ -76,12 +78,20 @@ def completion_key(batch_id: str) -> str:
     return f"{batch_id}:completed"
 
 
+def completion_stream(job: str) -> str:
+    """The stream of a job's `BatchCompleted` facts, one per batch, in the order they closed."""
+    return f"batches-{job}"
+
+
 @contextmanager
 def job_lock(ledger: Ledger, job: str) -> Iterator[None]:
-    """Hold the job's lock for the whole batch."""
+    """Hold the job's lock for the whole batch. On PostgreSQL the advisory lock is
+    database-wide, so its key names the ledger's schema too: ledgers in two schemas of one
+    database do not wait for each other."""
     if ledger.engine.dialect.name == "postgresql":
-        key = zlib.crc32(job.encode()) & 0x7FFFFFFF
         with ledger.engine.connect() as conn:
+            schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+            key = zlib.crc32(f"{schema}/{job}".encode()) & 0x7FFFFFFF
             conn.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'"))
             conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"),
                          {"ns": JOB_LOCK_NAMESPACE, "k": key})
@@ -124,10 +134,35 @@ def written_so_far(ledger: Ledger, batch_id: str, at: datetime) -> list[LogPosit
                   if r.idempotency_key.startswith(prefix) and r.idempotency_key != closing)
 
 
+def await_committed_log(ledger: Ledger, timeout_s: float = VISIBILITY_TIMEOUT_S) -> None:
+    """Wait until readers see every event already committed (PostgreSQL).
+
+    Readers stop below the oldest append still in flight (see the event store), so right
+    after a commit of ours, an older append still running elsewhere in this ledger (an
+    import; a job process just killed, until the server notices) hides our own facts from
+    the read models. A decision taken then would miss, say, the previous batch's payments;
+    so a batch first waits for such appends to finish (they take milliseconds to seconds)."""
+    store = ledger.store
+    if not store.is_postgresql:
+        return
+    with ledger.engine.connect() as conn:
+        newest = conn.execute(select(func.max(events.c.txid))).scalar_one_or_none()
+    if newest is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while (bound := store.visible_bound()) is not None and bound <= newest:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"an append older than transaction {newest} has been in "
+                               f"flight for over {timeout_s:.0f}s; the job did not decide")
+        time.sleep(0.01)
+
+
 def decision_state(ledger: Ledger, at: datetime, written: list[LogPosition]) -> LedgerState:
     """The state the batch decides from: the ledger as of `at`, or, when chunks of the batch
     were written by an interrupted run, the log replayed as of `at` up to (excluding) the
-    batch's first fact, which is what that run decided from."""
+    batch's first fact, which is what that run decided from. Either reads the whole log as
+    committed when the batch starts."""
+    await_committed_log(ledger)
     if not written:
         return ledger.state_at(at)
     from clearing.backoffice.replay import ReplayBounds, replay
@@ -182,8 +217,8 @@ def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
             if after_chunk is not None:
                 after_chunk(start // size)
         total = len(already) + written
-        closing = NewFact(f"batches-{job}", BatchCompleted(job=job, batch_id=batch_id, at=at,
-                                                           events=total),
+        closing = NewFact(completion_stream(job),
+                          BatchCompleted(job=job, batch_id=batch_id, at=at, events=total),
                           completion_key(batch_id), at)
         written += ledger.record([closing], [{"batch_id": batch_id}]).written
         return JobRun(job, batch_id, at, written, False)
