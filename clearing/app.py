@@ -150,17 +150,6 @@ class Ledger:
             return load_full_state(conn, {x.name: x for x in t.LEDGER_TABLES},
                                    with_statement=False, with_trades=False)
 
-    def batch_event_count(self, batch_id: str) -> int:
-        """Facts recorded so far under a batch id (its chunks), the completion excluded."""
-        from clearing.store.tables import events
-
-        with self.engine.connect() as conn:
-            return int(conn.execute(
-                select(func.count()).select_from(events).where(
-                    events.c.idempotency_key >= batch_id + ":",
-                    events.c.idempotency_key < batch_id + ";",
-                    events.c.idempotency_key != batch_id + ":completed")).scalar_one())
-
     def settled_instruments(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(select(t.settlements.c.symbol)).scalars())
