@@ -33,7 +33,7 @@ from clearing.demo_market import Market, Step, simulate
 from clearing.domain.accounts import INSURANCE, is_house
 from clearing.domain.clock import format_time
 from clearing.domain.margin_sweep import all_margins
-from clearing.jobs.catalog import run_job
+from clearing.jobs.catalog import run_jobs
 from clearing.projections import tables as t
 from clearing.store.database import open_database
 from clearing.store.eventstore import EventStore
@@ -198,8 +198,8 @@ def _run_step(ledger: Ledger, files: _Files, market: Market, step: Step,
         _bust_one(ledger, step, outcome)
     if step.at == market.start + timedelta(days=1, hours=10):
         _withdrawals(ledger, files, step, outcome)
-    for job in step.jobs:
-        run_job(ledger, job, step.at)
+    if step.jobs:
+        run_jobs(ledger, step.jobs, step.at)
 
 
 def _bust_one(ledger: Ledger, step: Step, outcome: DemoOutcome) -> None:

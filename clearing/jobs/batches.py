@@ -44,7 +44,8 @@ from clearing.app import Ledger
 from clearing.domain.clock import storage_time
 from clearing.domain.commands import NewFact
 from clearing.domain.events import BatchCompleted
-from clearing.domain.ledger import LedgerState
+from clearing.domain.event import Event
+from clearing.domain.ledger import LedgerState, evolve
 from clearing.store.eventstore import LogPosition
 from clearing.store.tables import events
 
@@ -68,6 +69,20 @@ class JobRun:
     at: datetime
     events_written: int
     already_done: bool
+
+
+@dataclass
+class CarriedState:
+    """The ledger's state carried from one batch of a run to the next (see `run_batch`)."""
+
+    state: LedgerState | None = None
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    position: int
+    effective_at: datetime
+    event: Event
 
 
 def batch_id_for(job: str, at: datetime) -> str:
@@ -198,24 +213,44 @@ def _check_fact(fact: NewFact, batch_id: str, at: datetime) -> None:
 
 def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
               chunk_events: int | None = None,
-              after_chunk: Callable[[int], None] | None = None) -> JobRun:
-    """Decide and record one batch of `job` as of `at`, exactly once."""
+              after_chunk: Callable[[int], None] | None = None,
+              carried: CarriedState | None = None) -> JobRun:
+    """Decide and record one batch of `job` as of `at`, exactly once.
+
+    `carried`, when given, is the state a previous batch of the same run (`eod`) decided
+    from, moved forward by the facts it recorded: the next batch decides from it instead of
+    loading the whole book again, which is what the read models would give (the same
+    `evolve`). After this batch it holds this batch's facts too."""
     batch_id = batch_id_for(job, at)
     size = chunk_events if chunk_events is not None else chunk_size()
     with job_lock(ledger, job):
         if is_completed(ledger, batch_id):
+            if carried is not None:
+                carried.state = None  # another runner moved the ledger: load it afresh
             return JobRun(job, batch_id, at, 0, True)
         already = written_so_far(ledger, batch_id, at)
-        facts = decide(decision_state(ledger, at, already), at, batch_id)
+        if carried is not None and carried.state is not None and not already:
+            await_committed_log(ledger)
+            state = carried.state
+        else:
+            state = decision_state(ledger, at, already)
+        facts = decide(state, at, batch_id)
         for fact in facts:
             _check_fact(fact, batch_id, at)
         written = 0
         for start in range(0, len(facts), size):
             chunk = facts[start:start + size]
-            written += ledger.record(chunk, [{"batch_id": batch_id}] * len(chunk)).written
+            result = ledger.record(chunk, [{"batch_id": batch_id}] * len(chunk))
+            written += result.written
+            if carried is not None:
+                for fact, position in zip(chunk, result.positions, strict=True):
+                    evolve(state, _Recorded(position, at, fact.event))
+                state.statement.clear()
             _pause_after_chunk()
             if after_chunk is not None:
                 after_chunk(start // size)
+        if carried is not None:
+            carried.state = None if already else state
         total = len(already) + written
         closing = NewFact(completion_stream(job),
                           BatchCompleted(job=job, batch_id=batch_id, at=at, events=total),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -16,7 +16,8 @@ from clearing.domain.liquidation import decide_liquidations
 from clearing.domain.mark_to_market import decide_mark_to_market
 from clearing.domain.margin_sweep import sweep
 from clearing.domain.risk_changes import decide_dynamic_ranges
-from clearing.jobs.batches import JobFunction, JobRun, run_batch
+from clearing.domain.stress_record import decide_stress_record
+from clearing.jobs.batches import CarriedState, JobFunction, JobRun, run_batch
 from clearing.store.eventstore import LogFilter
 
 
@@ -54,12 +55,18 @@ JOBS: dict[str, Callable[[Ledger, datetime], JobFunction]] = {
     "risk": _risk,
     "liquidate": lambda ledger, at: decide_liquidations,
     "margin": _margin,
+    "stress": lambda ledger, at: decide_stress_record,
 }
 EOD_ORDER: tuple[str, ...] = ("settle", "mtm", "funding", "risk", "liquidate", "margin")
 """`eod` runs these in this order: expired instruments settle first, the rest is marked to
 market and funded, the day's risk parameters are set, accounts below maintenance are
 liquidated, and the margin sweep records every account's resulting state (and margin
-calls)."""
+calls).
+
+`stress` (the daily stress test, one `StressTestRecorded` fact) is not part of `eod`: it
+changes no balance, so nothing in the day's close waits for it, and at scale it costs
+seconds per scenario; the scheduler or `clearing run stress` runs it on its own, after
+`eod`."""
 
 
 class UnknownJob(ValueError):
@@ -70,10 +77,16 @@ class UnknownJob(ValueError):
 
 def run_job(ledger: Ledger, job: str, at: datetime) -> list[JobRun]:
     """Run one job (or `eod`: every job in order) as of `at`."""
-    names = EOD_ORDER if job == "eod" else (job,)
+    return run_jobs(ledger, EOD_ORDER if job == "eod" else (job,), at)
+
+
+def run_jobs(ledger: Ledger, names: Sequence[str], at: datetime) -> list[JobRun]:
+    """Run jobs one after another as of `at`, each a batch of its own; the book is loaded
+    once and carried from batch to batch."""
+    carried = CarriedState()
     runs = []
     for name in names:
         if name not in JOBS:
             raise UnknownJob(name)
-        runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at)))
+        runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at), carried=carried))
     return runs
