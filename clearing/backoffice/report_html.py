@@ -32,6 +32,7 @@ from clearing.backoffice.report import (
     Row,
     Table,
 )
+from clearing.backoffice.stress_report import STRESS_NOTE, stress_section
 from clearing.domain.clock import format_time
 
 # ------------------------------------------------------------------ palette and sizes
@@ -334,6 +335,7 @@ SECTIONS: list[Section] = [
     Section("reconciliation", "Reconciliation runs", reconciliation_section,
             "Each comparison with an external statement, as recorded in the log; "
             "<code>clearing reconcile</code> lists the breaks themselves."),
+    Section("stress", "Stress tests", stress_section, STRESS_NOTE),
     # EXTENSION POINT: add a Section here (e.g. Section("stress", "Stress tests", body))
     # for a new part of the page; `body(data)` gets `data.state` (the ledger as of
     # `data.at`) to value the book itself, and returns its HTML or None.

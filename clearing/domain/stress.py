@@ -66,6 +66,10 @@ conditions). Pure: the caller brings the ledger's state; nothing here writes any
    largest: the resources needed should those members default. They are compared with the
    insurance fund's balance before the stress: sufficient, or insufficient by the shortfall.
 
+The house's own book: the positions `ccp:liquidation` holds (taken over in liquidations and
+not yet closed by a liquidator) are revalued beside the members' and their loss at the final
+prices is reported (`house_loss_usd`); the house neither breaches nor defaults.
+
 Prices are carried to PRICE_SCALE (8) decimals, as marks are: a shocked price is U x (1 + m)
 or a repriced mark cut there, so that margin, given the same prices as Decimals, computes
 exactly what the arrays do (a float like 1740.0000000000002 would otherwise add a cent to a
@@ -79,7 +83,9 @@ cent); the portfolio model with margin's own scenario grid and repricing (`unit_
 `group_pnl`). The round-0 figures are checked against `margin.account_margins_many` run on
 the shocked market, for every account of a book of up to CROSS_CHECK_ACCOUNTS_MAX accounts
 and for the ones nearest to breaching in a larger book; a difference beyond rounding stops
-the run (`StressModelDisagrees`), so the two can never drift apart unnoticed.
+the run (`StressModelDisagrees`), so the two can never drift apart unnoticed. Measured on a
+2-core machine: 10,000 accounts and 200,000 positions, the book built once in about 1.5 s,
+then about 0.6 s per scenario (seven cascade rounds and 4,900 close-outs under crash-30).
 """
 
 from __future__ import annotations

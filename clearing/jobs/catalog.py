@@ -65,8 +65,8 @@ calls).
 
 `stress` (the daily stress test, one `StressTestRecorded` fact) is not part of `eod`: it
 changes no balance, so nothing in the day's close waits for it, and at scale it costs
-seconds per scenario; the scheduler or `clearing run stress` runs it on its own, after
-`eod`."""
+seconds (about 5 s for 10,000 accounts and the seven shipped scenarios); the scheduler or
+`clearing run stress` runs it on its own, after `eod`."""
 
 
 class UnknownJob(ValueError):
