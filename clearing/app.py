@@ -63,8 +63,12 @@ class Ledger:
         """State loaded once for all rows of one import's decisions."""
 
     @classmethod
-    def open(cls, url: str | None = None, clock: Callable[[], datetime] = utc_now) -> Ledger:
-        return cls(open_database(database_url(url)), clock=clock)
+    def open(cls, url: str | None = None, clock: Callable[[], datetime] = utc_now,
+             as_application: bool = True) -> Ledger:
+        """The ledger at `url`; on PostgreSQL working as the least-privilege application
+        role unless `as_application` is False (rebuilds, the scheduler's own table)."""
+        return cls(open_database(database_url(url), as_application=as_application),
+                   clock=clock)
 
     def refresh(self) -> int:
         """Bring every read model up to date with the log."""

@@ -409,7 +409,7 @@ def report(
 @handles_errors
 def projections_rebuild(db: Db = None) -> None:
     """Rebuild every read model from the log into fresh tables, then swap them in."""
-    folded = Ledger.open(db).runner.rebuild()
+    folded = Ledger.open(db, as_application=False).runner.rebuild()
     render.stdout.print(f"read models rebuilt from {folded} events")
 
 

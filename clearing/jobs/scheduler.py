@@ -43,6 +43,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from clearing.app import Ledger
+from clearing.store.database import create_engine_for
 from clearing.config import database_url
 from clearing.domain.clock import format_time, parse_time
 from clearing.domain.events import BatchCompleted
@@ -227,9 +228,12 @@ def serve(db: str | None, schedule: Schedule, since: datetime | None = None,
     if until is not None and until <= clock():
         ledger.engine.dispose()
         return first
+    # APScheduler creates and owns its table: its store connects as the login's own role,
+    # not the application role, which may not create tables.
+    jobstore_engine = create_engine_for(url)
     scheduler = BlockingScheduler(
         timezone=UTC,
-        jobstores={"default": SQLAlchemyJobStore(engine=ledger.engine,
+        jobstores={"default": SQLAlchemyJobStore(engine=jobstore_engine,
                                                  tablename=JOBSTORE_TABLE)},
         executors={"default": ThreadPoolExecutor(max_workers=2)},
         job_defaults={"coalesce": True, "max_instances": 1,

@@ -12,12 +12,15 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
+import os
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from psycopg import sql
 
 from clearing.store.errors import SchemaOutOfDate
 
@@ -25,13 +28,26 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def create_engine_for(url: str) -> Engine:
-    """An engine for `url`; psycopg 3 is the PostgreSQL driver whatever the URL's scheme says."""
+APP_ROLE_ENV = "CLEARING_APP_ROLE"
+DEFAULT_APP_ROLE = "clearing_app"
+
+
+def application_role() -> str | None:
+    """The role the application works as on PostgreSQL: `clearing_app` (created by the first
+    migration; it may only INSERT and SELECT the events table), or what CLEARING_APP_ROLE
+    names; an empty CLEARING_APP_ROLE keeps the login's own role."""
+    value = os.environ.get(APP_ROLE_ENV, DEFAULT_APP_ROLE).strip()
+    return value or None
+
+
+def create_engine_for(url: str, *, role: str | None = None) -> Engine:
+    """An engine for `url`; psycopg 3 is the PostgreSQL driver whatever the URL's scheme says.
+    With `role` (PostgreSQL), every connection switches to it (`SET ROLE`) when it opens."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
         engine = create_engine(parsed, pool_pre_ping=True)
-        _configure_postgresql(engine)
+        _configure_postgresql(engine, role)
         return engine
     if parsed.get_backend_name() != "sqlite":
         raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or "
@@ -41,12 +57,14 @@ def create_engine_for(url: str) -> Engine:
     return engine
 
 
-def _configure_postgresql(engine: Engine) -> None:
+def _configure_postgresql(engine: Engine, role: str | None) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-        # Times come back in UTC whatever the server's default zone.
         with dbapi_connection.cursor() as cursor:
+            # Times come back in UTC whatever the server's default zone.
             cursor.execute("SET TIME ZONE 'UTC'")
+            if role is not None:
+                cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         dbapi_connection.commit()
 
 
@@ -132,7 +150,17 @@ def ensure_schema(engine: Engine) -> None:
     raise SchemaOutOfDate(current, head)
 
 
-def open_database(url: str) -> Engine:
-    engine = create_engine_for(url)
-    ensure_schema(engine)
-    return engine
+def open_database(url: str, *, as_application: bool = True) -> Engine:
+    """An engine for the ledger at `url`, its schema created if the database is empty.
+
+    On PostgreSQL the application works as the least-privilege role (see
+    `application_role`): the database then refuses it any change to the log, whatever the
+    code asks. Migrations, rebuilds of the read models (which create and swap tables) and the
+    scheduler's job table run as the login's own role (`as_application=False`)."""
+    owner = create_engine_for(url)
+    ensure_schema(owner)
+    role = application_role()
+    if not as_application or role is None or owner.dialect.name != "postgresql":
+        return owner
+    owner.dispose()
+    return create_engine_for(url, role=role)

@@ -77,18 +77,23 @@ WRITER_NAMESPACE = 0x434D  # "CM": held (shared) by every appending transaction
 _READ_BOUND_SQL = """
 WITH snap AS (SELECT pg_current_snapshot() AS s),
 writers AS (
-    SELECT a.backend_xid::text::bigint AS xid32
-    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    SELECT x.transactionid::text::bigint AS xid32
+    FROM pg_locks l
+    JOIN pg_locks x ON x.pid = l.pid AND x.locktype = 'transactionid'
+                   AND x.mode = 'ExclusiveLock' AND x.granted
     WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objsubid = 2 AND l.granted
       AND l.objid = (hashtext(current_schema()) & 2147483647)::oid
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND a.backend_xid IS NOT NULL
 )
 SELECT coalesce(
     (SELECT min(x::text::bigint) FROM snap, pg_snapshot_xip(snap.s) AS x
      WHERE x::text::bigint %% 4294967296 IN (SELECT xid32 FROM writers)),
     (SELECT pg_snapshot_xmax(s)::text::bigint FROM snap))
 """
+"""The read bound. Writers' transaction ids come from `pg_locks` (every transaction holds an
+exclusive lock on its own id), which every role may read, unlike `pg_stat_activity`, whose
+`backend_xid` is hidden from a role that is not the session's: the least-privilege
+application role must see every in-flight writer."""
 KEY_CHUNK = 900
 RECENT_EVENTS_MAX = 250_000
 """Typed events kept in memory after an append, for this process's next read of them."""

@@ -180,3 +180,23 @@ def test_an_unrelated_open_transaction_does_not_hold_readers_back(
         pg_store.append([PendingEvent("s", Noted(text="after"), "k-after", T0)])
         assert [r.event.text for r in pg_store.read_all()] == ["after"]
         conn.rollback()
+
+
+def test_the_ledger_works_as_the_application_role_and_cannot_change_the_log(
+    pg: Backend,
+) -> None:
+    from clearing.app import Ledger
+
+    ledger = Ledger.open(pg.url)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(text("SELECT current_user")).scalar() == "clearing_app"
+    EventStore(ledger.engine, event_catalogue=test_catalogue).append(
+        [PendingEvent("a", Noted(text="x"), "k", T0)])
+    for statement in ("UPDATE events SET type = 'x'", "DELETE FROM events", "TRUNCATE events"):
+        with pytest.raises(DBAPIError, match="permission denied"):
+            with ledger.engine.begin() as conn:
+                conn.execute(text(statement))
+    assert ledger.store.count() == 1
+    owner = Ledger.open(pg.url, as_application=False)
+    with owner.engine.connect() as conn:
+        assert conn.execute(text("SELECT current_user")).scalar() != "clearing_app"
