@@ -91,7 +91,6 @@ DEFAULT_SCHEDULE = Schedule(entries=(
     Entry("funding", {"hour": "0,8,16", "minute": "0"}),
     Entry("settle", {"hour": "8", "minute": "0"}),
     Entry("risk", {"hour": "0", "minute": "5"}),
-    Entry("stress", {"hour": "0", "minute": "30"}),
 ))
 
 
