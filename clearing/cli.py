@@ -25,6 +25,7 @@ from clearing.domain.margin import MissingIndexPrice, MissingRiskParameter
 from clearing.domain.rejections import Rejected
 from clearing.jobs.catalog import UnknownJob
 from clearing.store.errors import StoreError
+from clearing.store.failures import DATABASE_ERRORS, describe
 
 app = typer.Typer(
     name="clearing",
@@ -75,7 +76,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def handles_errors(fn: F) -> F:
-    """Turn expected rejections into a clear message on stderr and exit code 2."""
+    """Turn expected rejections into a clear message on stderr and exit code 2.
+
+    A database the command cannot get past (read-only, disk full, the connection lost after
+    the store's bounded retries, no privilege) is a refused command too: one line on stderr
+    saying why (`clearing.store.failures.describe`), exit 2, no traceback; each transaction is
+    all or nothing, so nothing is half-written. Any other database error is a bug and keeps
+    its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -89,6 +96,12 @@ def handles_errors(fn: F) -> F:
         except (Rejected, StoreError, UnknownEventType, InvalidEventPayload,
                 MissingIndexPrice, MissingRiskParameter, UnknownJob) as exc:
             render.error(f"error: {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except DATABASE_ERRORS as exc:
+            line = describe(exc)
+            if line is None:
+                raise
+            render.error(f"error: {line}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]

@@ -5,6 +5,12 @@ applied in one transaction that also moves the checkpoint, after locking the che
 so a crash never applies a fact twice or skips one, and two runners never apply the same
 batch. A rebuild folds every fact into fresh tables with the same code, then swaps them in
 within one transaction, so a reader sees either the old model or the new, never a half.
+
+A catch-up that meets a transient failure (a lost connection, a serialization failure or a
+deadlock; see `clearing.store.failures`) starts again from the checkpoint, at most
+`RETRY_ATTEMPTS_MAX` times in all: the page it was applying was rolled back with its
+checkpoint, or, when only the acknowledgement of its COMMIT was lost, the checkpoint already
+says so; either way no fact is applied twice or skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from clearing.domain.ledger import Fact
 from clearing.projections.ledger import LedgerProjection, Tables
 from clearing.store.eventstore import START, EventStore, LogPosition, RecordedEvent
 from clearing.store.database import write_transaction
+from clearing.store.failures import retrying
+from clearing.store.testhooks import PAUSE_IN_PROJECTION_ENV, pause_at
 from clearing.store.tables import checkpoints
 
 PAGE_SIZE = 5_000
@@ -52,7 +60,7 @@ class ProjectionRunner:
         """Apply every fact after each projection's checkpoint; returns how many were applied."""
         applied = 0
         for projection in self.projections:
-            applied += self._catch_up(projection)
+            applied += retrying(lambda p=projection: self._catch_up(p))  # type: ignore[misc]
         return applied
 
     def _catch_up(self, projection: Projection) -> int:
@@ -68,6 +76,7 @@ class ProjectionRunner:
                 if self._lock_checkpoint(conn, projection.name) != checkpoint:
                     continue  # another runner applied this page meanwhile; read again
                 projection.apply(conn, page, tables)
+                pause_at(PAUSE_IN_PROJECTION_ENV)
                 self._save_checkpoint(conn, projection.name, page[-1].log_position)
             applied += len(page)
 

@@ -20,6 +20,14 @@ to another ledger in another database or schema) therefore does not hold readers
 bound on `pg_snapshot_xmin` would. Stream locks are advisory locks taken before the
 transaction's first write too, so a writer that waited for a stream gets a later txid than
 the writer it waited for, and stream versions follow the log order.
+
+Failures (see `clearing.store.failures`): an append that meets a transient conflict (a racing
+duplicate, a serialization failure, a deadlock) or loses its connection is run again, at most
+`APPEND_RETRIES_MAX` times in all, and the retry looks every idempotency key up first, so a
+COMMIT that succeeded although its acknowledgement was lost is recognised, never written
+twice (found at the positions that attempt took, it is reported as written by this
+append). A read that loses its connection between pages reconnects and resumes after the
+last event it returned, at most `READ_RECONNECTS_MAX` times.
 """
 
 from __future__ import annotations
@@ -56,8 +64,15 @@ from clearing.store.errors import (
     PayloadTooLarge,
     UnknownPosition,
 )
+from clearing.store.failures import (
+    backoff,
+    is_connection_lost,
+    is_racing_duplicate,
+    is_transient,
+)
 from clearing.store.hashchain import GENESIS_HASH, chain_hash, envelope_bytes
 from clearing.store.database import write_transaction
+from clearing.store.testhooks import PAUSE_IN_APPEND_ENV, pause_at
 from clearing.store.tables import events, streams
 
 ANY_VERSION = -1
@@ -68,7 +83,10 @@ NO_STREAM = 0
 PAYLOAD_BYTES_MAX = 65_536
 """Largest canonical JSON payload accepted for one event (documented in README)."""
 APPEND_RETRIES_MAX = 5
-"""Bound on retries after a transient conflict (a racing duplicate, a deadlock)."""
+"""Attempts in all at an append that meets a transient conflict (a racing duplicate, a
+serialization failure, a deadlock) or loses its connection."""
+READ_RECONNECTS_MAX = 3
+"""Reconnections one `read_all` may make after losing its connection between pages."""
 LOCK_BUCKETS = 1_024
 """Stream locks are hashed into this many advisory locks, so one large append holds a
 bounded number of locks whatever its number of streams."""
@@ -293,17 +311,20 @@ class EventStore:
         # looks every key up and writes only what is new.
         check_keys = False
         attempt = 0
+        claimed: dict[str, int] = {}
         while True:
             attempt += 1
             try:
                 with write_transaction(self.engine) as conn:
-                    result = self._append_in(conn, prepared, expected, check_keys)
+                    result = self._append_in(conn, prepared, expected, check_keys, claimed)
                 self._remember(prepared, result)
                 return result
             except (DBAPIError, psycopg.Error, sqlite3.Error) as exc:
-                if attempt >= APPEND_RETRIES_MAX or not _is_transient(exc):
+                if attempt >= APPEND_RETRIES_MAX or not is_transient(exc):
                     raise
                 check_keys = True
+                if not is_racing_duplicate(exc):  # the winner has committed: look now
+                    backoff(attempt)
 
     def _remember(self, prepared: list[_Prepared], result: AppendResult) -> None:
         """Keep the typed events just committed, by position, so that this process's next
@@ -348,8 +369,13 @@ class EventStore:
 
     def _append_in(
         self, conn: Connection, prepared: list[_Prepared], expected: dict[str, int],
-        check_keys: bool = True,
+        check_keys: bool = True, claimed: dict[str, int] | None = None,
     ) -> AppendResult:
+        """One attempt at an append, in `conn`'s transaction. `claimed` carries, from one
+        attempt to the next, the positions an earlier attempt of the same append gave its
+        events (PostgreSQL): a key found stored at exactly that position was written by that
+        attempt, whose COMMIT landed although its acknowledgement was lost, so it counts as
+        written by this append (sequence values are never handed out twice)."""
         db = _driver(conn)
         stream_ids = sorted({p.stream_id for p in prepared} | set(expected))
         if self.is_postgresql:
@@ -358,6 +384,7 @@ class EventStore:
         existing = (self._existing_keys(db, [p.idempotency_key for p in prepared])
                     if check_keys or not self.is_postgresql else {})
         fresh: list[_Prepared] = []
+        ours = 0
         for p in prepared:
             found = existing.get(p.idempotency_key)
             if found is None:
@@ -367,8 +394,10 @@ class EventStore:
             if (stream_id, type_name, payload) != (p.stream_id, p.type_name, p.payload):
                 raise IdempotencyConflict(p.idempotency_key, p.index, position)
             positions[p.index] = position
+            if claimed and claimed.get(p.idempotency_key) == position:
+                ours += 1
         if not fresh:
-            return AppendResult(tuple(int(x) for x in positions if x is not None), 0)
+            return AppendResult(tuple(int(x) for x in positions if x is not None), ours)
 
         heads = self._stream_heads(db, stream_ids)
         for stream_id, version in expected.items():
@@ -382,6 +411,9 @@ class EventStore:
         if recorded_at.tzinfo is not UTC:
             recorded_at = ensure_utc(recorded_at)
         new_positions = self._allocate_positions(db, len(fresh))
+        if claimed is not None and self.is_postgresql:
+            claimed.update((p.idempotency_key, n) for p, n in zip(fresh, new_positions,
+                                                                  strict=True))
         recorded_text = storage_time(recorded_at)
         rows = []
         new_heads: dict[str, tuple[int, str]] = {}
@@ -406,7 +438,9 @@ class EventStore:
             txid = self._next_sqlite_txid(db)
             _insert_sqlite_events(db, rows, txid)
         self._save_heads(db, new_heads)
-        return AppendResult(tuple(int(x) for x in positions if x is not None), len(fresh))
+        pause_at(PAUSE_IN_APPEND_ENV)
+        return AppendResult(tuple(int(x) for x in positions if x is not None),
+                            len(fresh) + ours)
 
     def _lock_streams(self, db: Any, stream_ids: list[str]) -> None:
         buckets = sorted({zlib.crc32(s.encode("utf-8")) % LOCK_BUCKETS for s in stream_ids})
@@ -499,23 +533,38 @@ class EventStore:
         page_size: int = 1_000,
         limit: int | None = None,
     ) -> Iterator[RecordedEvent]:
-        """Every visible event after `after`, in log order, a page per query."""
+        """Every visible event after `after`, in log order, a page per query.
+
+        A lost connection (a terminated backend, a server restart) is survived: the read
+        reconnects, takes a fresh visibility bound and resumes after the last event it
+        returned, which is exactly what a reader resuming from a checkpoint does, so no event
+        is skipped or returned twice."""
         bounds = bounds or LogFilter()
         cursor = after
         remaining = limit
-        with self.engine.connect() as conn:
-            # One bound serves the whole read: every event below it is from a transaction
-            # that had finished when it was taken, so later pages may use it safely.
-            visible_below = self._visible_bound(conn)
-            while remaining is None or remaining > 0:
-                size = page_size if remaining is None else min(page_size, remaining)
-                page = self._read_page(cursor, bounds, size, visible_below, conn)
-                yield from page
-                if remaining is not None:
-                    remaining -= len(page)
-                if len(page) < size:
+        reconnects = 0
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    # One bound serves the whole read: every event below it is from a
+                    # transaction that had finished when it was taken, so later pages may
+                    # use it safely.
+                    visible_below = self._visible_bound(conn)
+                    while remaining is None or remaining > 0:
+                        size = page_size if remaining is None else min(page_size, remaining)
+                        page = self._read_page(cursor, bounds, size, visible_below, conn)
+                        yield from page
+                        if remaining is not None:
+                            remaining -= len(page)
+                        if len(page) < size:
+                            return
+                        cursor = page[-1].log_position
                     return
-                cursor = page[-1].log_position
+            except (DBAPIError, psycopg.Error) as exc:
+                reconnects += 1
+                if reconnects > READ_RECONNECTS_MAX or not is_connection_lost(exc):
+                    raise
+                backoff(reconnects)
 
     def visible_bound(self) -> int | None:
         """The txid below which every event writer has finished (PostgreSQL; None on
@@ -701,17 +750,3 @@ def _insert_sqlite_events(db: Any, rows: list[tuple[Any, ...]], txid: int) -> No
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-_TRANSIENT_SQLSTATES = {"40001", "40P01", "23505"}
-
-
-def _is_transient(exc: Exception) -> bool:
-    """Racing duplicates, serialization failures and deadlocks resolve on a retry; a retry
-    re-runs the idempotency check, so it never writes twice."""
-    orig = getattr(exc, "orig", None) or exc
-    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-        return True
-    message = str(orig).lower()
-    return (isinstance(orig, sqlite3.IntegrityError) and "unique" in message) or (
-        "database is locked" in message)
