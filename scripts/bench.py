@@ -9,8 +9,14 @@ decoding. Inputs (events, raw rows) are built outside the timed regions on both 
 
 The ledger figures (bench_ledger.py) follow: `clear_trades`, a whole trades file through
 `Ledger.import_file` on a second fresh place, against the bare driver appending the same rows;
-and the portfolio margin figures, pure computation against a bare numpy Black-76 repricing of
-the same positions (there is no database in them, see bench_ledger.py).
+`rebuild` of that ledger's read models (bench_backoffice.py); the portfolio margin figures,
+pure computation against a bare numpy Black-76 repricing of the same positions (there is no
+database in them, see bench_ledger.py); `eod`, the end-of-day batch over a book of accounts x
+positions in a child process, wall time and peak memory, against a COPY of what it wrote
+(bench_eod.py); and `reconcile_balances`, a balances statement against the ledger, against
+reading the same CSV and the balances table with the bare driver (bench_backoffice.py).
+Each ledger figure has a fresh place of its own, except `rebuild`, which folds the log the
+`clear_trades` import left. `--only NAME,...` runs a subset (see GROUPS).
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
 from bench_events import RAW_COLUMNS, Workload, bench_catalogue, payload_bytes
+from bench_backoffice import RECONCILE_SCALES, rebuild, reconcile_balances
+from bench_contention import CONTENTION_SCALES, contention
+from bench_eod import EOD_SCALES, eod
 from bench_ledger import LEDGER_SCALES, Figure, clear_trades, margin
 from clearing.domain.clock import storage_time
 from clearing.store.database import create_engine_for, upgrade
@@ -124,6 +133,7 @@ class Place(Protocol):
     def raw_copy_batch(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None: ...
     def raw_insert_one(self, table: str, row: tuple[Any, ...]) -> None: ...
     def raw_read_all(self, table: str, page_size: int) -> int: ...
+    def raw_stream(self, query: str, page_size: int) -> Iterator[tuple[Any, ...]]: ...
     def settle(self, tables: Sequence[str]) -> None: ...
 
 
@@ -212,6 +222,15 @@ class PostgresPlace:
             self._raw.commit()
         return count
 
+    def raw_stream(self, query: str, page_size: int) -> Iterator[tuple[Any, ...]]:
+        """The rows of a fixed query (no parameters) through a server-side cursor,
+        `page_size` rows per round trip, on a connection of its own (so the raw side can
+        write on its main connection meanwhile), closed when the rows are exhausted."""
+        with psycopg.connect(**self._params) as conn, conn.cursor(name="bench_stream") as cur:
+            cur.itersize = page_size
+            cur.execute(query)
+            yield from cur
+
     def settle(self, tables: Sequence[str]) -> None:
         """VACUUM ANALYZE before reading, so hint bits, the visibility map and statistics
         are in the same state for both tables whatever autovacuum happened to reach."""
@@ -279,6 +298,14 @@ class SqlitePlace:
             json.loads(row[payload_at])
             count += 1
         return count
+
+    def raw_stream(self, query: str, page_size: int) -> Iterator[tuple[Any, ...]]:
+        """sqlite3 steps the statement row by row, on a connection of its own."""
+        conn = sqlite3.connect(self.path)
+        try:
+            yield from conn.execute(query)
+        finally:
+            conn.close()
 
     def settle(self, tables: Sequence[str]) -> None:
         """Nothing to settle: SQLite keeps no visibility state that a first read must set."""
@@ -490,7 +517,7 @@ def _memory_gb() -> float | None:
     return None
 
 
-def machine_info(place: Place, server_version: str, run: dict[str, Any]) -> dict[str, Any]:
+def machine_info(kind: str, server_version: str, run: dict[str, Any]) -> dict[str, Any]:
     peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {
         "cpu_count": os.cpu_count(),
@@ -500,7 +527,7 @@ def machine_info(place: Place, server_version: str, run: dict[str, Any]) -> dict
         "platform": platform.platform(),
         "database": server_version,
         "driver": (f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__})"
-                   if place.kind == "postgresql" else f"sqlite3 {sqlite3.sqlite_version}"),
+                   if kind == "postgresql" else f"sqlite3 {sqlite3.sqlite_version}"),
         "sqlalchemy": sqlalchemy.__version__,
         "run": {**run, "peak_rss_mb": round(peak_rss_kb / 1024, 1)},
     }
@@ -534,6 +561,9 @@ def render_table(report: dict[str, Any]) -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """The results table, the machine, and the run's scalar settings; the figures' own
+    notes (splits, raw definitions) stay in --json, except the eod's wall time and peak
+    memory, which the issue asks to see beside each other."""
     run = report["machine"]["run"]
     lines = [
         f"### Benchmark: {run['backend']}, scale {run['scale']}",
@@ -545,63 +575,171 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['name']} | {r['unit']} | {r['n']:,} | {_number(r['ours'])} "
                      f"| {_number(r['raw'])} | {r['ratio']:.3f} |")
     lines.append("")
+    eod_notes = run.get("eod")
+    if isinstance(eod_notes, dict):
+        lines.append(f"- eod: {eod_notes['positions']:,} positions over "
+                     f"{eod_notes['accounts']:,} accounts in {eod_notes['eod_s']:.1f} s, peak "
+                     f"RSS {eod_notes['peak_rss_mb']:,.0f} MiB, {eod_notes['events_written']:,} "
+                     f"events written (raw append of them {eod_notes['raw_s']:.2f} s); target "
+                     f"{eod_notes['targets']}")
     lines += [f"- {key}: {value}" for key, value in report["machine"].items() if key != "run"]
-    lines += [f"- run.{key}: {value}" for key, value in run.items()]
+    lines += [f"- run.{key}: {value}" for key, value in run.items()
+              if not isinstance(value, dict)]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def run_bench(db: str, scale_name: str) -> dict[str, Any]:
-    """Run every figure on a fresh place and return the report (SPEC section 7 shape)."""
+GROUPS: dict[str, tuple[str, ...]] = {
+    "append": ("append_batched", "append_copy_raw_reference"),
+    "read": ("read_all",),
+    "single": ("append_single",),
+    "clear": ("clear_trades", "clear_trades_append_only"),
+    "margin": ("margin_portfolio_batch", "margin_pretrade_p50", "margin_pretrade_p99"),
+    "eod": ("eod",),
+    "reconcile": ("reconcile_balances",),
+    "rebuild": ("rebuild",),
+    "contention": ("append_contention",),
+}
+"""`--only` names, each a group of report rows. `read` and `single` run on the log `append`
+wrote, so they bring it along (its rows are reported too); `rebuild` folds the log
+`clear` imported, so it brings `clear` along."""
+NEEDS = {"read": "append", "single": "append", "rebuild": "clear"}
+
+
+def selected_groups(only: str | None) -> list[str]:
+    """The groups to run, in report order: all of them, or those named and what they need."""
+    if not only:
+        return list(GROUPS)
+    names = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = names - set(GROUPS)
+    if unknown:
+        raise BenchError(f"unknown figure(s) {', '.join(sorted(unknown))} for --only "
+                         f"(known: {', '.join(GROUPS)})")
+    names |= {NEEDS[name] for name in names if name in NEEDS}
+    return [name for name in GROUPS if name in names]
+
+
+def _log_result(result: Result) -> None:
+    log(f"  {result.name}: ours {_number(result.ours)}, raw {_number(result.raw)} "
+        f"{result.unit}, ratio {result.ratio:.3f}")
+
+
+def _store_figures(place: Place, scale: Scale, groups: Sequence[str]) -> list[Result]:
+    engine = create_engine_for(place.store_url)
+    try:
+        upgrade(engine)
+        for table in ("raw_events", "raw_events_copy"):
+            place.create_raw_table(table)
+        bench = Bench(place, EventStore(engine, event_catalogue=bench_catalogue), scale,
+                      run_id=uuid.uuid4().hex[:8])
+        results: list[Result] = []
+        chosen = {"append": append_batched, "read": read_all, "single": append_single}
+        for group, figure in chosen.items():
+            if group not in groups:
+                continue
+            log(f"{figure.__name__} ...")
+            produced = figure(bench)
+            for result in produced if isinstance(produced, list) else [produced]:
+                _log_result(result)
+                results.append(result)
+        return results
+    finally:
+        engine.dispose()
+
+
+def run_bench(db: str, scale_name: str, only: str | None = None) -> dict[str, Any]:
+    """Run the figures (every one, or the `only` groups) each on a fresh place and return
+    the report (SPEC section 7 shape)."""
     scale = SCALES[scale_name]
+    ledger_scale = LEDGER_SCALES[scale_name]
+    groups = selected_groups(only)
     started = time.perf_counter()
-    with open_place(db) as place:
-        engine = create_engine_for(place.store_url)
-        try:
-            upgrade(engine)
-            for table in ("raw_events", "raw_events_copy"):
-                place.create_raw_table(table)
-            bench = Bench(place, EventStore(engine, event_catalogue=bench_catalogue), scale,
-                          run_id=uuid.uuid4().hex[:8])
-            results: list[Result] = []
-            for figure in FIGURES:
-                log(f"{figure.__name__} ...")
-                produced = figure(bench)
-                for result in produced if isinstance(produced, list) else [produced]:
-                    log(f"  {result.name}: ours {result.ours:,.0f}, raw {result.raw:,.0f} "
-                        f"{result.unit}, ratio {result.ratio:.3f}")
-                    results.append(result)
-            server_version = place.server_version()
-        finally:
-            engine.dispose()
-        ledger_scale = LEDGER_SCALES[scale_name]
-        log("clear_trades ...")
-        with open_place(db) as ledger_place:
-            figures, trades_notes = clear_trades(ledger_place, ledger_scale)
-        log("margin ...")
-        margin_figures, margin_notes = margin(ledger_scale)
-        for figure in [*figures, *margin_figures]:
+    results: list[Result] = []
+    notes: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    kind = make_url(db).get_backend_name()
+    server_version = ""
+
+    def add(figures: Sequence[Figure], key: str, figure_notes: dict[str, Any]) -> None:
+        for figure in figures:
             result = figure_result(figure)
-            log(f"  {result.name}: ours {_number(result.ours)}, raw {_number(result.raw)} "
-                f"{result.unit}, ratio {result.ratio:.3f}")
+            _log_result(result)
             results.append(result)
-        run = {
-            "backend": place.kind,
-            "scale": scale_name,
-            "batch_size": BATCH_SIZE,
-            "streams": STREAMS,
-            "read_page_size": READ_PAGE_SIZE,
-            "payload_bytes": payload_bytes(),
-            "raw_table": "position primary key, idempotency_key unique; no other index "
-                         "(the store's events table has 7 indexes and constraints)",
-            "clear_trades": trades_notes,
-            "margin": margin_notes,
-            "total_s": round(time.perf_counter() - started, 1),
-        }
-        return {"machine": machine_info(place, server_version, run),
-                "results": [asdict(r) for r in results]}
+        notes[key] = figure_notes
+
+    def timed(name: str, began: float) -> None:
+        timings[name] = round(time.perf_counter() - began, 1)
+
+    if any(g in groups for g in ("append", "read", "single")):
+        began = time.perf_counter()
+        with open_place(db) as place:
+            results += _store_figures(place, scale, groups)
+            server_version = place.server_version()
+        timed("store", began)
+    if "clear" in groups:
+        began = time.perf_counter()
+        log("clear_trades ...")
+        with open_place(db) as place:
+            figures, trades_notes = clear_trades(place, ledger_scale)
+            add(figures, "clear_trades", trades_notes)
+            timed("clear_trades", began)
+            if "rebuild" in groups:
+                began = time.perf_counter()
+                log("rebuild ...")
+                add(*_swap(rebuild(place), "rebuild"))
+                timed("rebuild", began)
+            server_version = place.server_version()
+    if "margin" in groups:
+        began = time.perf_counter()
+        log("margin ...")
+        add(*_swap(margin(ledger_scale), "margin"))
+        timed("margin", began)
+    if "eod" in groups:
+        began = time.perf_counter()
+        log("eod ...")
+        with open_place(db) as place:
+            add(*_swap(eod(place, EOD_SCALES[scale_name]), "eod"))
+            server_version = place.server_version()
+        timed("eod", began)
+    if "reconcile" in groups:
+        began = time.perf_counter()
+        log("reconcile_balances ...")
+        with open_place(db) as place:
+            add(*_swap(reconcile_balances(place, RECONCILE_SCALES[scale_name]),
+                       "reconcile_balances"))
+            server_version = place.server_version()
+        timed("reconcile_balances", began)
+    if "contention" in groups:  # N writer processes on shared streams (bench_contention.py)
+        began = time.perf_counter()
+        log("append_contention ...")
+        with open_place(db) as place:
+            add(*_swap(contention(place, CONTENTION_SCALES[scale_name]), "append_contention"))
+            server_version = place.server_version()
+        timed("append_contention", began)
+    run = {
+        "backend": kind,
+        "scale": scale_name,
+        "figures": groups,
+        "batch_size": BATCH_SIZE,
+        "streams": STREAMS,
+        "read_page_size": READ_PAGE_SIZE,
+        "payload_bytes": payload_bytes(),
+        "raw_table": "position primary key, idempotency_key unique; no other index "
+                     "(the store's events table has 7 indexes and constraints)",
+        **notes,
+        "figure_wall_s": timings,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    return {"machine": machine_info(kind, server_version, run),
+            "results": [asdict(r) for r in results]}
+
+
+def _swap(produced: tuple[list[Figure], dict[str, Any]], key: str
+          ) -> tuple[list[Figure], str, dict[str, Any]]:
+    figures, figure_notes = produced
+    return figures, key, figure_notes
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -622,13 +760,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Ledger.import_file: parse, decide, append, projections; raw: COPY (PostgreSQL) "
             "or executemany (SQLite) of the same rows in one transaction), "
             "clear_trades_append_only (the store's append within that import, same raw), "
-            "and the pure margin figures margin_portfolio_batch, margin_pretrade_p50/p99 "
+            "rebuild (ProjectionRunner.rebuild of that ledger, events/s; raw: server-side "
+            "cursor over the events + json.loads + COPY of a row per event, a page per "
+            "transaction), "
+            "the pure margin figures margin_portfolio_batch, margin_pretrade_p50/p99 "
             "(portfolio_requirements_many / portfolio_requirement; raw: bare numpy "
-            "Black-76 over the same positions and scenarios). Scales: "
+            "Black-76 over the same positions and scenarios), eod (run_job(ledger, 'eod', "
+            "at) in a child process over a book set up through the domain's decide "
+            "functions: wall time, peak RSS in the notes; raw: COPY of the rows it wrote, "
+            "one transaction) and reconcile_balances (reconcile() of a balances statement, "
+            "rows/s; raw: csv.reader over the file + server-side cursor over the balances "
+            "table). Scales: "
             + ", ".join(f"{name} N={s.events:,} (single {s.single_events:,}), "
                         f"{LEDGER_SCALES[name].trades:,} trades over "
                         f"{LEDGER_SCALES[name].accounts:,} accounts, "
-                        f"{LEDGER_SCALES[name].margin_books:,} margin books"
+                        f"{LEDGER_SCALES[name].margin_books:,} margin books, eod "
+                        f"{EOD_SCALES[name].accounts:,} accounts x "
+                        f"{EOD_SCALES[name].positions_per_account} positions, statement "
+                        f"{RECONCILE_SCALES[name].rows:,} rows"
                         for name, s in SCALES.items()) + "."
         ),
     )
@@ -637,6 +786,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--markdown", metavar="FILE", type=Path,
                         help="also write the results as a Markdown table to FILE")
+    parser.add_argument("--only", metavar="NAME,...",
+                        help=f"run only these figures ({', '.join(GROUPS)}); read and "
+                             "single bring append along, rebuild brings clear along")
     return parser.parse_args(argv)
 
 
@@ -649,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        report = run_bench(args.db, args.scale)
+        report = run_bench(args.db, args.scale, args.only)
     except BenchError as exc:
         log(f"bench: {exc}")
         return 2

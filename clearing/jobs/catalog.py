@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 
@@ -85,8 +87,25 @@ def run_jobs(ledger: Ledger, names: Sequence[str], at: datetime) -> list[JobRun]
     once and carried from batch to batch."""
     carried = CarriedState()
     runs = []
-    for name in names:
-        if name not in JOBS:
-            raise UnknownJob(name)
-        runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at), carried=carried))
+    with _collector_paused():
+        for name in names:
+            if name not in JOBS:
+                raise UnknownJob(name)
+            runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at), carried=carried))
     return runs
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Batches build millions of long-lived objects (the book, its movements); Python's
+    cyclic garbage collector then rescans them again and again and finds nothing to free
+    (measured: 28 s of a 100 s end of day, no memory returned). Reference counting still
+    frees everything; the collector runs once at the end."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.collect()
