@@ -88,8 +88,13 @@ def decide_open_account(cmd: OpenAccount, existing: Account | None,
     if existing is not None:
         if (existing.owner, existing.margin_model) == (cmd.owner, str(cmd.margin_model)):
             return []
-        raise AlreadyExists("account_id", f"account {cmd.account_id!r} already exists with "
-                                          "other details", cmd.account_id)
+        if existing.owner != cmd.owner:
+            raise AlreadyExists("account_id", f"account {cmd.account_id!r} already exists "
+                                              "with other details", cmd.account_id)
+        # Same owner, another margin model than the account has now: the account may have
+        # moved models since it was opened, so only its opening can tell a redelivery from
+        # other details. The opening is decided again; the store, which holds the first one
+        # under the same key, records nothing for the same content and refuses other content.
     event = AccountOpened(account_id=cmd.account_id, owner=cmd.owner,
                           margin_model=cmd.margin_model)
     return [NewFact(account_stream(cmd.account_id), event, f"account:{cmd.account_id}", at)]

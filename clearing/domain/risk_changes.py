@@ -41,7 +41,11 @@ def decide_set_parameter(changes: Sequence[ParameterChange], name: str,
         check_change(name, underlying, value)
     except ValueError as exc:
         raise Rejected("name" if "unknown" in str(exc) else "value", str(exc), value) from None
-    previous = current_value(parameters_in_force(changes, at), name, underlying)
+    # `previous` is the value in force just before `at`. Changes effective at `at` itself are
+    # left out: one of them may be this very command's first recording, and a replayed
+    # command must decide the same fact under the same key (SPEC section 6, invariant 6).
+    before = [c for c in changes if c.effective_at < at]
+    previous = current_value(parameters_in_force(before, at), name, underlying)
     event = RiskParametersSet(name=name, underlying=underlying, value=value, previous=previous,
                               reason="set by hand", inputs={"actor": actor})
     key = f"risk:set:{name}:{underlying or '-'}:{storage_time(at)}"

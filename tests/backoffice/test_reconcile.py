@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import Result
+from typer.testing import Result
 
 from clearing.backoffice import external_sort, reconcile
 from clearing.backoffice.external_sort import Codec, sort_records

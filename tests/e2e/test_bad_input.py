@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from click.testing import Result
+from typer.testing import Result
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
@@ -184,7 +184,7 @@ CASES: list[Bad] = [
         "already appears on line 2"),
     Bad("account-reopened-with-other-details", "accounts",
         rows("accounts", "carol,Carol,standard", "alice,Alice Trading Ltd,portfolio"), 3,
-        "account_id", "already exists with other details"),
+        "account_id", "'alice' was already recorded with different content"),
     # ---------------------------------------------------------------- instruments
     Bad("option-strike-contradicts-symbol", "instruments",
         rows("instruments", instrument("BTC-27DEC26-90000-C", "option", expiry=EXPIRY,
