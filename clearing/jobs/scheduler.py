@@ -43,11 +43,11 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from clearing.app import Ledger
-from clearing.store.database import create_engine_for
+from clearing.store.database import WRITE_OPTION, create_engine_for
 from clearing.config import database_url
 from clearing.domain.clock import format_time, parse_time
 from clearing.domain.events import BatchCompleted
-from clearing.jobs.batches import JobRun, completion_stream
+from clearing.jobs.batches import JobRun, completion_stream, job_lock
 from clearing.jobs.catalog import EOD_ORDER, JOBS, run_job
 from clearing.jobs.schedule import Schedule, from_data
 from clearing.store.eventstore import utc_now
@@ -230,11 +230,16 @@ def serve(db: str | None, schedule: Schedule, since: datetime | None = None,
         return first
     # APScheduler creates and owns its table: its store connects as the login's own role,
     # not the application role, which may not create tables.
-    jobstore_engine = create_engine_for(url)
+    # Its writes take SQLite's write lock up front (like the ledger's own writers), so two
+    # schedulers starting together queue instead of failing on a lock upgrade; the table is
+    # created once, under a lock, so they do not race to create it either.
+    jobstore_engine = create_engine_for(url).execution_options(**{WRITE_OPTION: True})
+    jobstore = SQLAlchemyJobStore(engine=jobstore_engine, tablename=JOBSTORE_TABLE)
+    with job_lock(ledger, "scheduler-table"):
+        jobstore.jobs_t.create(jobstore_engine, checkfirst=True)
     scheduler = BlockingScheduler(
         timezone=UTC,
-        jobstores={"default": SQLAlchemyJobStore(engine=jobstore_engine,
-                                                 tablename=JOBSTORE_TABLE)},
+        jobstores={"default": jobstore},
         executors={"default": ThreadPoolExecutor(max_workers=2)},
         job_defaults={"coalesce": True, "max_instances": 1,
                       "misfire_grace_time": schedule.misfire_grace_s})
