@@ -95,6 +95,7 @@ class LedgerView(Protocol):
     def check_withdrawal(self, account_id: str, withdrawn: dict[str, Decimal],
                          at: datetime) -> None: ...
     def recorded_keys(self, keys: list[str]) -> set[str]: ...
+    def settled_instruments(self) -> set[str]: ...
 
 
 @dataclass(frozen=True)
@@ -371,6 +372,7 @@ def _decide_collateral(withdraw: bool) -> Decider:
 def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[no-untyped-def]
     accounts = view.account_ids()
     instruments = view.instruments()
+    settled = view.settled_instruments()
     trades: dict[str, list[tuple[int, datetime, TradeLeg]]] = {}
     unparsed: set[str] = set()
     for row in rows:
@@ -403,7 +405,7 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
 
         def decide_one() -> list[NewFact]:
             try:
-                return decide_clear_trade(cmd, accounts, instruments)
+                return decide_clear_trade(cmd, accounts, instruments, settled)
             except Rejected as exc:
                 bad_leg = _leg_of(exc, cmd)
                 raise _AtLine(line_of_leg.get(bad_leg, first_line), exc) from None

@@ -165,7 +165,8 @@ class ClearTrade:
 
 
 def decide_clear_trade(cmd: ClearTrade, accounts: Container[str],
-                       instruments: Mapping[str, Instrument]) -> list[NewFact]:
+                       instruments: Mapping[str, Instrument],
+                       settled: Container[str] = ()) -> list[NewFact]:
     """Novate every leg or none: the buyer's position rises, the seller's falls; an option's
     premium `price × quantity × multiplier` moves buyer to seller (the buyer's charge rounded
     up, the seller's payout rounded down, the difference to `ccp:rounding`); fees go to
@@ -183,6 +184,12 @@ def decide_clear_trade(cmd: ClearTrade, accounts: Container[str],
         if instrument.is_expired_at(cmd.at):
             assert instrument.expiry is not None
             raise InstrumentExpired(instrument.symbol, instrument.expiry, cmd.at)
+        if instrument.symbol in settled:
+            # A late trade, effective before expiry but arriving after the settlement: its
+            # position could never settle. It is refused; the venue must correct it.
+            raise Rejected("instrument", f"{instrument.symbol} has already settled; a trade "
+                                         "reported after its settlement cannot be cleared",
+                           instrument.symbol)
         asset = instrument.settlement_asset
         for field, fee in (("buyer_fee", leg.buyer_fee), ("seller_fee", leg.seller_fee)):
             if fee != fee.quantize(asset_spec(asset).quantum):
