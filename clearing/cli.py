@@ -34,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 projections_app = typer.Typer(help="The read models folded from the log.", no_args_is_help=True)

@@ -384,6 +384,8 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
             continue
         trade_id, at, leg = parsed  # type: ignore[misc]
         trades.setdefault(trade_id, []).append((row.line, at, leg))
+    recorded = view.recorded_keys([f"trade:{trade_id}" for trade_id in trades]) \
+        if settled else set()
     for trade_id, legs in trades.items():
         if trade_id in unparsed:
             continue
@@ -405,7 +407,10 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
 
         def decide_one() -> list[NewFact]:
             try:
-                return decide_clear_trade(cmd, accounts, instruments, settled)
+                # A trade already recorded is a redelivery: the store recognises it; only a
+                # new trade is refused for an instrument that has settled since.
+                return decide_clear_trade(cmd, accounts, instruments,
+                                          () if f"trade:{trade_id}" in recorded else settled)
             except Rejected as exc:
                 bad_leg = _leg_of(exc, cmd)
                 raise _AtLine(line_of_leg.get(bad_leg, first_line), exc) from None
