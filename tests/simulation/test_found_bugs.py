@@ -11,16 +11,14 @@ from decimal import Decimal
 import pytest
 
 from clearing.backoffice.csvinput import InputRejected
-
 from clearing.jobs.catalog import run_job
-from tests.ledger.conftest import ledger  # noqa: F401 - the fixture, shared
 from tests.ledger.harness import LedgerHarness, iso, leg
 
 AT = datetime(2026, 11, 2, 0, 15, tzinfo=UTC)
 
 
 def test_a_risk_parameter_change_replayed_is_recognised_not_refused(
-        ledger: LedgerHarness) -> None:  # noqa: F811
+        ledger: LedgerHarness) -> None:
     """Found by seed 1, step 189: `clearing risk set haircut 0.17 --underlying BTC --at T`
     run a second time was refused as an idempotency conflict. The replayed command decided
     its `previous` value from the parameters in force at T, which by then included its own
@@ -33,7 +31,7 @@ def test_a_risk_parameter_change_replayed_is_recognised_not_refused(
 
 
 def test_a_risk_parameter_change_replayed_at_the_command_line_says_already_recorded(
-        ledger: LedgerHarness) -> None:  # noqa: F811
+        ledger: LedgerHarness) -> None:
     command = ["risk", "set", "haircut", "0.17", "--underlying", "BTC",
                "--at", "2026-11-02T00:15:00Z"]
     assert ledger.cli(*command).exit_code == 0
@@ -43,7 +41,7 @@ def test_a_risk_parameter_change_replayed_at_the_command_line_says_already_recor
 
 
 def test_an_accounts_file_imported_again_after_a_margin_model_change_changes_nothing(
-        ledger: LedgerHarness) -> None:  # noqa: F811
+        ledger: LedgerHarness) -> None:
     """Found by seed 21, step 365: an accounts file imported again was refused ("account
     'm00011' already exists with other details") because the account had since moved to
     portfolio margin. The opening was judged against the account as it stands, not as it was
@@ -63,7 +61,7 @@ FUTURE = "BTC-27NOV26"
 
 
 def test_a_late_trade_in_an_instrument_already_settled_leaves_no_open_position(
-        ledger: LedgerHarness) -> None:  # noqa: F811
+        ledger: LedgerHarness) -> None:
     """Found by seed 302, step 1872: a trade effective an hour before its future's expiry,
     delivered after the future had settled, was cleared. Its positions stay open in a settled
     instrument for good: settlement has run for that expiry (running it again changes
@@ -93,7 +91,7 @@ def test_a_late_trade_in_an_instrument_already_settled_leaves_no_open_position(
 
 
 def test_a_trades_file_imported_again_after_its_instrument_settled_changes_nothing(
-        ledger: LedgerHarness) -> None:  # noqa: F811
+        ledger: LedgerHarness) -> None:
     """Found by seeds 320-325 on the commit that refuses late trades in settled instruments:
     `clearing import trades FILE` run again for a file already imported was refused ("has
     already settled; a trade reported after its settlement cannot be cleared") once the

@@ -43,7 +43,9 @@ MEMBERS_MAX = 24
 LISTING_HORIZON_DAYS = 2
 """Expiries are listed this many days ahead of the current business day."""
 START_PRICE = {"BTC": 95_000.0, "ETH": 3_400.0}
-VOL_PER_SQRT_MINUTE = {"BTC": 0.6 / math.sqrt(365 * 24 * 60), "ETH": 0.8 / math.sqrt(365 * 24 * 60)}
+MINUTES_A_YEAR = 365 * 24 * 60
+VOL_PER_SQRT_MINUTE = {"BTC": 0.6 / math.sqrt(MINUTES_A_YEAR),
+                       "ETH": 0.8 / math.sqrt(MINUTES_A_YEAR)}
 JUMP_PROBABILITY = 0.006
 """Chance per step of a jump of 8-30% in an index: margin calls, liquidations, ADL."""
 LATE_PROBABILITY = 0.1
@@ -207,10 +209,9 @@ class TradeSent:
 
 @dataclass
 class _Pending:
-    """What the model learns once the step it belongs to is accepted (or refused)."""
+    """What the model learns once the step it belongs to is accepted."""
 
     on_accept: list[Callable[[], None]] = field(default_factory=list)
-    on_refuse: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Workload:
@@ -260,11 +261,13 @@ class Workload:
     def observe(self, outcome: Outcome) -> None:
         pending, self._pending = self._pending, None
         assert pending is not None, "no step to observe"
-        for effect in pending.on_accept if outcome.accepted else pending.on_refuse:
-            effect()
+        if outcome.accepted:
+            for effect in pending.on_accept:
+                effect()
 
     def _step(self, action: str, description: str, expect: Expect, **fields: object) -> Step:
-        return Step(self.index, self.now, action, description, expect, **fields)  # type: ignore[arg-type]
+        return Step(self.index, self.now, action, description, expect,
+                    **fields)  # type: ignore[arg-type]
 
     def _next(self, prefix: str) -> str:
         self.counters[prefix] = self.counters.get(prefix, 0) + 1
@@ -276,10 +279,6 @@ class Workload:
     def _accept(self, effect: Callable[[], None]) -> None:
         assert self._pending is not None
         self._pending.on_accept.append(effect)
-
-    def _refuse(self, effect: Callable[[], None]) -> None:
-        assert self._pending is not None
-        self._pending.on_refuse.append(effect)
 
     def _advance_time(self) -> None:
         minutes = self.rng.choices([0, 1, 5, 10, 20, 40], weights=[8, 10, 30, 30, 15, 7])[0]
