@@ -59,6 +59,7 @@ class EventCatalogue:
     def __init__(self) -> None:
         self._models: dict[str, type[Event]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._json_readers: dict[str, tuple[int, Callable[[str], Event]]] = {}
 
     def register(self, model: type[Event]) -> type[Event]:
         """Class decorator: a model registers under its `type_name`, which must be unique."""
@@ -69,6 +70,7 @@ class EventCatalogue:
         if existing is not None and existing is not model:
             raise ValueError(f"event type {name!r} registered twice")
         self._models[name] = model
+        self._json_readers.pop(name, None)
         return model
 
     def upcaster(self, type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
@@ -85,6 +87,21 @@ class EventCatalogue:
             return self._models[type_name]
         except KeyError:
             raise UnknownEventType(type_name) from None
+
+    def json_reader(self, type_name: str) -> tuple[int, Callable[[str], Event]]:
+        """The current schema version of `type_name` and a function decoding a payload of that
+        version straight from its stored JSON text. Every replay calls it once per event, so
+        it goes to the model's compiled validator without pydantic's per-call wrapper."""
+        reader = self._json_readers.get(type_name)
+        if reader is None:
+            model = self.model(type_name)
+            validate_json = model.__pydantic_validator__.validate_json
+
+            def read(payload: str) -> Event:
+                return validate_json(payload, context=FROM_THE_LOG)  # type: ignore[no-any-return]
+
+            reader = self._json_readers[type_name] = (model.schema_version, read)
+        return reader
 
     def knows(self, type_name: str) -> bool:
         return type_name in self._models

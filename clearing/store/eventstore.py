@@ -198,10 +198,10 @@ class RecordedEvent:
         """The typed event, upcast from an older schema version when needed."""
         if self._event is None:
             row = self._row
-            model = self._catalogue.model(row[5])
-            if row[6] == model.schema_version:
+            current_version, read_json = self._catalogue.json_reader(row[5])
+            if row[6] == current_version:
                 try:
-                    self._event = model.model_validate_json(row[7], context=FROM_THE_LOG)
+                    self._event = read_json(row[7])
                 except ValidationError as exc:
                     raise InvalidEventPayload(row[5], exc.errors()) from None
             else:
@@ -626,7 +626,9 @@ class EventStore:
         if conn is None:
             with self.engine.connect() as own:
                 return self._query_events(sql, params, own)
-        cur = _driver(conn).cursor()
+        # PostgreSQL sends the rows in binary: its integers and timestamps then decode
+        # without parsing text, a fifth of the fetch's cost on a long read.
+        cur = _driver(conn).cursor(binary=True) if self.is_postgresql else _driver(conn).cursor()
         try:
             cur.execute(sql, tuple(params))
             rows = cur.fetchall()
@@ -720,15 +722,23 @@ def _copy_text(value: str) -> str:
 def _copy_events(db: Any, rows: list[tuple[Any, ...]]) -> None:
     """PostgreSQL COPY in text format, written as one buffer: the fastest way in. Text
     fields are escaped as COPY requires; times are already ISO 8601 UTC text; `txid` takes
-    its column default."""
+    its column default.
+
+    A line is first written as is; it needed no escaping when it holds exactly its eleven
+    separators and one newline and no backslash or carriage return (four scans in C, where
+    checking each field would be five regular-expression calls)."""
     esc = _copy_text
     lines = []
     for (position, stream_id, version, event_id, type_name, schema, payload, metadata,
          effective, recorded, key, digest) in rows:
-        lines.append(
-            f"{position}\t{esc(stream_id)}\t{version}\t{event_id}\t{esc(type_name)}\t"
-            f"{schema}\t{esc(payload)}\t{esc(metadata)}\t{effective}\t{recorded}\t"
-            f"{esc(key)}\t{digest}\n")
+        line = (f"{position}\t{stream_id}\t{version}\t{event_id}\t{type_name}\t"
+                f"{schema}\t{payload}\t{metadata}\t{effective}\t{recorded}\t{key}\t{digest}\n")
+        if (line.count("\t") != 11 or line.count("\n") != 1 or "\\" in line
+                or "\r" in line):
+            line = (f"{position}\t{esc(stream_id)}\t{version}\t{event_id}\t{esc(type_name)}\t"
+                    f"{schema}\t{esc(payload)}\t{esc(metadata)}\t{effective}\t{recorded}\t"
+                    f"{esc(key)}\t{digest}\n")
+        lines.append(line)
     with db.cursor() as cur:
         with cur.copy(
             "COPY events (position, stream_id, stream_version, event_id, type, "
