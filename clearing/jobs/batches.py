@@ -107,7 +107,8 @@ def job_lock(ledger: Ledger, job: str) -> Iterator[None]:
         with ledger.engine.connect() as conn:
             schema = conn.execute(text("SELECT current_schema()")).scalar_one()
             key = zlib.crc32(f"{schema}/{job}".encode()) & 0x7FFFFFFF
-            conn.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'"))
+            conn.execute(text("SELECT set_config('lock_timeout', :timeout, false)"),
+                         {"timeout": f"{LOCK_TIMEOUT_S}s"})
             conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"),
                          {"ns": JOB_LOCK_NAMESPACE, "k": key})
             conn.commit()

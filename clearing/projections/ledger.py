@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+from psycopg import sql as pg_sql
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Table, select, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -73,25 +74,24 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
     """Rows by key through a join on unnested arrays: one statement, index lookups, however
     many keys (an IN list of row values is checked row by row)."""
     db = conn.connection.driver_connection
-    name = _quoted(table.name)
+    name = pg_sql.Identifier(table.name)
     if len(columns) == 1:
-        sql = f'SELECT * FROM {name} WHERE "{columns[0]}" = ANY(%s)'
+        statement = pg_sql.SQL("SELECT * FROM {} WHERE {} = ANY(%s)").format(
+            name, pg_sql.Identifier(columns[0]))
         params: tuple[Any, ...] = (keys,)
     else:
-        arrays = ", ".join("%s::text[]" for _ in columns)
-        names = ", ".join(f"k{i}" for i in range(len(columns)))
-        join = " AND ".join(f't."{c}" = k.k{i}' for i, c in enumerate(columns))
-        sql = f"SELECT t.* FROM {name} t JOIN unnest({arrays}) AS k({names}) ON {join}"
+        keys_as = [pg_sql.Identifier(f"k{i}") for i in range(len(columns))]
+        statement = pg_sql.SQL("SELECT t.* FROM {} t JOIN unnest({}) AS k({}) ON {}").format(
+            name,
+            pg_sql.SQL(", ").join(pg_sql.SQL("%s::text[]") for _ in columns),
+            pg_sql.SQL(", ").join(keys_as),
+            pg_sql.SQL(" AND ").join(
+                pg_sql.SQL("t.{} = k.{}").format(pg_sql.Identifier(c), key)
+                for c, key in zip(columns, keys_as, strict=True)))
         params = tuple([key[i] for key in keys] for i in range(len(columns)))
     with db.cursor(row_factory=namedtuple_row) as cur:
-        cur.execute(sql, params)
+        cur.execute(statement, params)
         return cur.fetchall()
-
-
-def _quoted(name: str) -> str:
-    if not name.replace("_", "").isalnum():
-        raise ValueError(f"unexpected table name {name!r}")
-    return f'"{name}"'
 
 
 def instrument_from_row(row: Any) -> Instrument:
@@ -175,25 +175,30 @@ def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
 def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """COPY into a session-scoped scratch table, then one INSERT ... ON CONFLICT from it."""
     db = conn.connection.driver_connection
-    name = _quoted(table.name)
-    scratch = _quoted(f"scratch_{table.name}")
+    name = pg_sql.Identifier(table.name)
+    scratch = pg_sql.Identifier(f"scratch_{table.name}")
     columns = [c.name for c in table.columns]
     keys = [c.name for c in table.primary_key.columns]
-    column_list = ", ".join(f'"{c}"' for c in columns)
-    updates = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in keys)
+    column_list = pg_sql.SQL(", ").join(map(pg_sql.Identifier, columns))
+    updates = pg_sql.SQL(", ").join(
+        pg_sql.SQL("{} = excluded.{}").format(pg_sql.Identifier(c), pg_sql.Identifier(c))
+        for c in columns if c not in keys)
     with db.cursor() as cur:
-        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {scratch} "
-                    f"(LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        cur.execute(pg_sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+                               "ON COMMIT DELETE ROWS").format(scratch, name))
         _copy_rows(cur, scratch, columns, rows)
-        cur.execute(f"INSERT INTO {name} ({column_list}) SELECT {column_list} FROM {scratch} "
-                    f"ON CONFLICT ({', '.join(chr(34) + k + chr(34) for k in keys)}) "
-                    f"DO UPDATE SET {updates}")
-        cur.execute(f"TRUNCATE {scratch}")
+        cur.execute(pg_sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) "
+                               "DO UPDATE SET {}").format(
+            name, column_list, column_list, scratch,
+            pg_sql.SQL(", ").join(map(pg_sql.Identifier, keys)), updates))
+        cur.execute(pg_sql.SQL("TRUNCATE {}").format(scratch))
 
 
-def _copy_rows(cur: Any, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    with cur.copy(f"COPY {table} ({', '.join(chr(34) + c + chr(34) for c in columns)}) "
-                  "FROM STDIN") as copy:
+def _copy_rows(cur: Any, table: pg_sql.Identifier, columns: list[str],
+               rows: list[dict[str, Any]]) -> None:
+    statement = pg_sql.SQL("COPY {} ({}) FROM STDIN").format(
+        table, pg_sql.SQL(", ").join(map(pg_sql.Identifier, columns)))
+    with cur.copy(statement) as copy:
         for row in rows:
             copy.write_row([row[c] for c in columns])
 
@@ -279,7 +284,7 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
     if conn.dialect.name == "postgresql":
         columns = [c.name for c in tables["statement"].columns]
         with conn.connection.driver_connection.cursor() as cur:
-            _copy_rows(cur, _quoted(tables["statement"].name), columns, statement_rows)
+            _copy_rows(cur, pg_sql.Identifier(tables["statement"].name), columns, statement_rows)
     else:
         conn.execute(tables["statement"].insert(), statement_rows)
 

@@ -15,11 +15,13 @@ says so; either way no fact is applied twice or skipped.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, MetaData, Table, select, text
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
+from psycopg import sql as pg_sql
+from sqlalchemy import Connection, MetaData, Table, inspect, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -141,45 +143,49 @@ class ProjectionRunner:
 
 
 def _create_shadow(conn: Connection, table: Table) -> Table:
-    """A fresh, empty copy of `table` with the same columns, keys and indexes."""
+    """A fresh, empty copy of `table` with the same columns, keys and indexes.
+
+    PostgreSQL copies it itself (`LIKE ... INCLUDING ALL`), the names composed by psycopg;
+    SQLite's copy is the table as reflected from the database, created by SQLAlchemy under
+    the new name, its indexes suffixed (SQLite index names are schema-wide)."""
     shadow_name = table.name + SHADOW_SUFFIX
-    conn.execute(text(f'DROP TABLE IF EXISTS "{shadow_name}"'))
     if conn.dialect.name == "postgresql":
-        # Without defaults: a serial column's default names the original table's sequence,
-        # which would then refuse to be dropped at the swap. Read models write every column.
-        conn.execute(text(f'CREATE TABLE "{shadow_name}" '
-                          f'(LIKE "{table.name}" INCLUDING ALL EXCLUDING DEFAULTS)'))
+        with _driver(conn).cursor() as cur:
+            cur.execute(pg_sql.SQL("DROP TABLE IF EXISTS {}").format(
+                pg_sql.Identifier(shadow_name)))
+            # Without defaults: a serial column's default names the original table's
+            # sequence, which would then refuse to be dropped at the swap. Read models write
+            # every column.
+            cur.execute(pg_sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL EXCLUDING DEFAULTS)")
+                        .format(pg_sql.Identifier(shadow_name), pg_sql.Identifier(table.name)))
     else:
-        ddl = conn.execute(
-            text("SELECT type, name, sql FROM sqlite_master WHERE tbl_name = :t "
-                 "AND sql IS NOT NULL ORDER BY type DESC"),
-            {"t": table.name},
-        ).all()
-        for kind, name, sql in ddl:
-            pattern = r'^(CREATE TABLE\s+)"?' + re.escape(table.name) + r'"?'
-            if kind == "table":
-                conn.execute(text(re.sub(pattern, rf'\1"{shadow_name}"', sql, count=1)))
-            else:
-                sql = re.sub(r'^(CREATE (UNIQUE )?INDEX\s+)"?' + re.escape(name) + r'"?',
-                             rf'\1"{name}{SHADOW_SUFFIX}"', sql, count=1)
-                sql = re.sub(r'\bON\s+"?' + re.escape(table.name) + r'"?',
-                             f'ON "{shadow_name}"', sql, count=1)
-                conn.execute(text(sql))
+        stored = Table(table.name, MetaData(), autoload_with=conn)
+        copy = stored.to_metadata(MetaData(), name=shadow_name)
+        for index in copy.indexes:
+            index.name = f"{index.name}{SHADOW_SUFFIX}"
+        copy.drop(conn, checkfirst=True)
+        copy.create(conn)
     return Table(shadow_name, MetaData(), *(c._copy() for c in table.columns))
 
 
 def _swap(conn: Connection, name: str, shadow: str) -> None:
-    conn.execute(text(f'DROP TABLE "{name}"'))
-    conn.execute(text(f'ALTER TABLE "{shadow}" RENAME TO "{name}"'))
-    if conn.dialect.name == "sqlite":
-        # Index names keep the shadow suffix after the rename: give them their names back.
-        indexes = conn.execute(
-            text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :t "
-                 "AND sql IS NOT NULL"), {"t": name}).all()
-        for index_name, sql in indexes:
-            if index_name.endswith(SHADOW_SUFFIX):
-                original = index_name[: -len(SHADOW_SUFFIX)]
-                conn.execute(text(f'DROP INDEX "{index_name}"'))
-                conn.execute(text(sql.replace(f'"{index_name}"', f'"{original}"', 1)))
+    if conn.dialect.name == "postgresql":
+        with _driver(conn).cursor() as cur:
+            cur.execute(pg_sql.SQL("DROP TABLE {}").format(pg_sql.Identifier(name)))
+            cur.execute(pg_sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                pg_sql.Identifier(shadow), pg_sql.Identifier(name)))
+        return
+    operations = Operations(MigrationContext.configure(conn))
+    operations.drop_table(name)
+    operations.rename_table(shadow, name)
+    # Index names keep the shadow suffix after the rename: give them their names back.
+    for index in inspect(conn).get_indexes(name):
+        index_name = index["name"]
+        if index_name and index_name.endswith(SHADOW_SUFFIX):
+            operations.drop_index(index_name, table_name=name)
+            operations.create_index(index_name[: -len(SHADOW_SUFFIX)], name,
+                                    list(index["column_names"]), unique=index["unique"])
 
 
+def _driver(conn: Connection) -> Any:
+    return conn.connection.driver_connection

@@ -76,7 +76,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # The busy timeout is the driver's `timeout` (create_engine_for), set on connect.
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -37,14 +37,17 @@ import json
 import re
 import sqlite3
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import psycopg
 from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, text, tuple_
+from sqlalchemy.dialects import postgresql as postgresql_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
 from clearing.domain.clock import ensure_utc, from_storage_time, storage_time
@@ -112,7 +115,6 @@ SELECT coalesce(
 exclusive lock on its own id), which every role may read, unlike `pg_stat_activity`, whose
 `backend_xid` is hidden from a role that is not the session's: the least-privilege
 application role must see every in-flight writer."""
-KEY_CHUNK = 900
 RECENT_EVENTS_MAX = 250_000
 """Typed events kept in memory after an append, for this process's next read of them."""
 
@@ -457,20 +459,13 @@ class EventStore:
 
     def _existing_keys(self, db: Any, keys: list[str]) -> dict[str, tuple[int, str, str, str]]:
         found: dict[str, tuple[int, str, str, str]] = {}
-        columns = "idempotency_key, position, stream_id, type, payload"
         cur = db.cursor()
         try:
             if self.is_postgresql:
-                cur.execute(f"SELECT {columns} FROM events WHERE idempotency_key = ANY(%s)",
-                            (keys,))
-                rows = cur.fetchall()
+                cur.execute(_EXISTING_KEYS_PG, (keys,))
             else:
-                rows = []
-                for chunk in _chunks(keys, KEY_CHUNK):
-                    marks = ",".join("?" * len(chunk))
-                    cur.execute(f"SELECT {columns} FROM events WHERE idempotency_key IN "
-                                f"({marks})", tuple(chunk))
-                    rows.extend(cur.fetchall())
+                cur.execute(_EXISTING_KEYS_SQLITE, (json.dumps(keys),))
+            rows = cur.fetchall()
         finally:
             cur.close()
         for key, position, stream_id, type_name, payload in rows:
@@ -481,16 +476,10 @@ class EventStore:
         cur = db.cursor()
         try:
             if self.is_postgresql:
-                cur.execute("SELECT stream_id, version, last_hash FROM streams "
-                            "WHERE stream_id = ANY(%s)", (stream_ids,))
-                rows = cur.fetchall()
+                cur.execute(_STREAM_HEADS_PG, (stream_ids,))
             else:
-                rows = []
-                for chunk in _chunks(stream_ids, KEY_CHUNK):
-                    marks = ",".join("?" * len(chunk))
-                    cur.execute("SELECT stream_id, version, last_hash FROM streams WHERE "
-                                f"stream_id IN ({marks})", tuple(chunk))
-                    rows.extend(cur.fetchall())
+                cur.execute(_STREAM_HEADS_SQLITE, (json.dumps(stream_ids),))
+            rows = cur.fetchall()
         finally:
             cur.close()
         return {stream_id: (version, last_hash) for stream_id, version, last_hash in rows}
@@ -513,13 +502,9 @@ class EventStore:
 
     def _save_heads(self, db: Any, heads: dict[str, tuple[int, str]]) -> None:
         rows = [(s, v, h) for s, (v, h) in heads.items()]
-        mark = "%s" if self.is_postgresql else "?"
-        sql = (f"INSERT INTO streams (stream_id, version, last_hash) VALUES ({mark}, {mark}, "
-               f"{mark}) ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
-               "last_hash = excluded.last_hash")
         cur = db.cursor()
         try:
-            cur.executemany(sql, rows)
+            cur.executemany(_SAVE_HEAD_PG if self.is_postgresql else _SAVE_HEAD_SQLITE, rows)
         finally:
             cur.close()
 
@@ -585,43 +570,36 @@ class EventStore:
 
     def _read_page(self, after: LogPosition, bounds: LogFilter, size: int,
                    visible_below: int | None, conn: Connection) -> list[RecordedEvent]:
-        pg = self.is_postgresql
-        mark = "%s" if pg else "?"
-        where = [f"(txid, position) > ({mark}, {mark})"]
-        params: list[Any] = [after.txid, after.position]
+        params: dict[str, Any] = {"after_txid": after.txid, "after_position": after.position,
+                                  "page_size": int(size)}
         if visible_below is not None:
-            where.append(f"txid < {mark}")
-            params.append(visible_below)
+            params["visible_below"] = visible_below
         if bounds.until is not None:
-            where.append(f"(txid, position) <= ({mark}, {mark})")
-            params += [bounds.until.txid, bounds.until.position]
+            params["until_txid"], params["until_position"] = bounds.until.txid, \
+                bounds.until.position
         if bounds.before is not None:
-            where.append(f"(txid, position) < ({mark}, {mark})")
-            params += [bounds.before.txid, bounds.before.position]
+            params["before_txid"], params["before_position"] = bounds.before.txid, \
+                bounds.before.position
         if bounds.effective_until is not None:
-            clause = f"effective_at <= {mark}"
-            params.append(self._time_param(bounds.effective_until))
-            if bounds.timeless_types:
-                clause = f"({clause} OR type IN ({', '.join([mark] * len(bounds.timeless_types))}))"
-                params += list(bounds.timeless_types)
-            where.append(clause)
+            params["effective_until"] = self._time_param(bounds.effective_until)
+            params.update((f"timeless_{i}", t) for i, t in enumerate(bounds.timeless_types))
         if bounds.recorded_until is not None:
-            where.append(f"recorded_at <= {mark}")
-            params.append(self._time_param(bounds.recorded_until))
-        if bounds.types:
-            where.append(f"type IN ({', '.join([mark] * len(bounds.types))})")
-            params += list(bounds.types)
+            params["recorded_until"] = self._time_param(bounds.recorded_until)
+        types = bounds.types or ()
+        params.update((f"type_{i}", t) for i, t in enumerate(types))
         if bounds.stream_id is not None:
-            where.append(f"stream_id = {mark}")
-            params.append(bounds.stream_id)
-        sql = (f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} "
-               f"ORDER BY txid, position LIMIT {int(size)}")
-        return self._query_events(sql, params, conn)
+            params["stream_id"] = bounds.stream_id
+        query, fixed = _page_query(
+            self.is_postgresql, visible_below is not None, bounds.until is not None,
+            bounds.before is not None, bounds.effective_until is not None,
+            len(bounds.timeless_types) if bounds.effective_until is not None else 0,
+            bounds.recorded_until is not None, len(types), bounds.stream_id is not None)
+        return self._query_events(query, {**fixed, **params}, conn)
 
     def _time_param(self, value: datetime) -> Any:
         return ensure_utc(value) if self.is_postgresql else storage_time(value)
 
-    def _query_events(self, sql: str, params: Sequence[Any],
+    def _query_events(self, sql: str, params: Sequence[Any] | Mapping[str, Any],
                       conn: Connection | None = None) -> list[RecordedEvent]:
         if conn is None:
             with self.engine.connect() as own:
@@ -630,7 +608,7 @@ class EventStore:
         # without parsing text, a fifth of the fetch's cost on a long read.
         cur = _driver(conn).cursor(binary=True) if self.is_postgresql else _driver(conn).cursor()
         try:
-            cur.execute(sql, tuple(params))
+            cur.execute(sql, params)
             rows = cur.fetchall()
         finally:
             cur.close()
@@ -648,10 +626,9 @@ class EventStore:
 
     def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         """One stream in version order (a stream is small: an account, a trade)."""
-        mark = "%s" if self.is_postgresql else "?"
         return self._query_events(
-            f"SELECT {_COLUMNS} FROM events WHERE stream_id = {mark} AND stream_version > "
-            f"{mark} ORDER BY stream_version", (stream_id, after_version))
+            _READ_STREAM_PG if self.is_postgresql else _READ_STREAM_SQLITE,
+            (stream_id, after_version))
 
     def stream_version(self, stream_id: str) -> int:
         with self.engine.connect() as conn:
@@ -687,8 +664,78 @@ class EventStore:
 
 
 
-_COLUMNS = ("position, txid, stream_id, stream_version, event_id, type, schema_version, "
-            "payload, metadata, effective_at, recorded_at, idempotency_key, hash")
+READ_COLUMNS = ("position", "txid", "stream_id", "stream_version", "event_id", "type",
+                "schema_version", "payload", "metadata", "effective_at", "recorded_at",
+                "idempotency_key", "hash")
+"""The columns of a stored event as `RecordedEvent` holds them, in this order."""
+
+# Statements are whole constants or built by SQLAlchemy from the table's metadata: no SQL
+# text is ever assembled from strings. Lists of keys travel as one array (PostgreSQL) or
+# one JSON array unpacked by json_each (SQLite), so a statement's text never depends on how
+# many keys it looks up.
+_EXISTING_KEYS_PG = ("SELECT idempotency_key, position, stream_id, type, payload FROM events "
+                     "WHERE idempotency_key = ANY(%s)")
+_EXISTING_KEYS_SQLITE = ("SELECT idempotency_key, position, stream_id, type, payload FROM "
+                         "events WHERE idempotency_key IN (SELECT value FROM json_each(?))")
+_STREAM_HEADS_PG = "SELECT stream_id, version, last_hash FROM streams WHERE stream_id = ANY(%s)"
+_STREAM_HEADS_SQLITE = ("SELECT stream_id, version, last_hash FROM streams "
+                        "WHERE stream_id IN (SELECT value FROM json_each(?))")
+_SAVE_HEAD_PG = ("INSERT INTO streams (stream_id, version, last_hash) VALUES (%s, %s, %s) "
+                 "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+                 "last_hash = excluded.last_hash")
+_SAVE_HEAD_SQLITE = ("INSERT INTO streams (stream_id, version, last_hash) VALUES (?, ?, ?) "
+                     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+                     "last_hash = excluded.last_hash")
+_READ_STREAM_PG = ("SELECT position, txid, stream_id, stream_version, event_id, type, "
+                   "schema_version, payload, metadata, effective_at, recorded_at, "
+                   "idempotency_key, hash FROM events WHERE stream_id = %s "
+                   "AND stream_version > %s ORDER BY stream_version")
+_READ_STREAM_SQLITE = ("SELECT position, txid, stream_id, stream_version, event_id, type, "
+                       "schema_version, payload, metadata, effective_at, recorded_at, "
+                       "idempotency_key, hash FROM events WHERE stream_id = ? "
+                       "AND stream_version > ? ORDER BY stream_version")
+_DIALECTS = {True: postgresql_dialect.psycopg.dialect(paramstyle="pyformat"),
+             False: sqlite_dialect.pysqlite.dialect(paramstyle="named")}
+"""Dialects the page query is compiled for, with the parameter style of the bare driver
+(named parameters, so a page's values are passed as one dictionary)."""
+
+
+@lru_cache(maxsize=256)
+def _page_query(postgresql: bool, visible_bound: bool, until: bool, before: bool,
+                effective_until: bool, timeless_types: int, recorded_until: bool,
+                types: int, stream: bool) -> tuple[str, Mapping[str, Any]]:
+    """A page of the log in (txid, position) order under the bounds asked for, compiled
+    once per combination of bounds: its text and the values the dialect fixed itself
+    (SQLite's OFFSET 0); `_read_page` supplies the others by name."""
+    log_order = tuple_(events.c.txid, events.c.position)
+    conditions = [log_order > tuple_(bindparam("after_txid"), bindparam("after_position"))]
+    if visible_bound:
+        conditions.append(events.c.txid < bindparam("visible_below"))
+    if until:
+        conditions.append(log_order <= tuple_(bindparam("until_txid"),
+                                              bindparam("until_position")))
+    if before:
+        conditions.append(log_order < tuple_(bindparam("before_txid"),
+                                             bindparam("before_position")))
+    if effective_until:
+        in_time = events.c.effective_at <= bindparam("effective_until")
+        if timeless_types:
+            in_time = or_(in_time, events.c.type.in_(
+                [bindparam(f"timeless_{i}") for i in range(timeless_types)]))
+        conditions.append(in_time)
+    if recorded_until:
+        conditions.append(events.c.recorded_at <= bindparam("recorded_until"))
+    if types:
+        conditions.append(events.c.type.in_([bindparam(f"type_{i}") for i in range(types)]))
+    if stream:
+        conditions.append(events.c.stream_id == bindparam("stream_id"))
+    columns = {column.name: column for column in events.columns}  # `metadata` is keyed `meta`
+    query = (select(*(columns[name] for name in READ_COLUMNS))
+             .where(and_(*conditions))
+             .order_by(events.c.txid, events.c.position)
+             .limit(bindparam("page_size")))
+    compiled = query.compile(dialect=_DIALECTS[postgresql])
+    return str(compiled), {k: v for k, v in compiled.params.items() if v is not None}
 
 
 def event_id_for(position: int, idempotency_key: str) -> str:
@@ -755,8 +802,3 @@ def _insert_sqlite_events(db: Any, rows: list[tuple[Any, ...]], txid: int) -> No
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(r[0], txid, *r[1:]) for r in rows],
     )
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -18,7 +18,8 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-APP_ROLE = "clearing_app"
+# The least-privilege application role is `clearing_app`, written out in each statement
+# below: statements are constant text, never assembled from strings.
 
 
 def _timestamp() -> sa.types.TypeEngine:
@@ -78,12 +79,10 @@ def upgrade() -> None:
 
 
 def _sqlite_guards() -> None:
-    for action in ("UPDATE", "DELETE"):
-        op.execute(
-            f"CREATE TRIGGER events_refuse_{action.lower()} BEFORE {action} ON events "
-            "BEGIN SELECT RAISE(ABORT, 'events are append-only: "
-            f"{action} refused'); END"
-        )
+    op.execute("CREATE TRIGGER events_refuse_update BEFORE UPDATE ON events "
+               "BEGIN SELECT RAISE(ABORT, 'events are append-only: UPDATE refused'); END")
+    op.execute("CREATE TRIGGER events_refuse_delete BEFORE DELETE ON events "
+               "BEGIN SELECT RAISE(ABORT, 'events are append-only: DELETE refused'); END")
 
 
 def _postgresql_guards() -> None:
@@ -105,31 +104,31 @@ def _postgresql_guards() -> None:
         "FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change()"
     )
     op.execute(
-        f"""
+        """
         DO $$
         BEGIN
-            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-                CREATE ROLE {APP_ROLE} NOLOGIN;
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'clearing_app') THEN
+                CREATE ROLE clearing_app NOLOGIN;
             END IF;
-            EXECUTE format('GRANT USAGE ON SCHEMA %I TO {APP_ROLE}', current_schema());
+            EXECUTE format('GRANT USAGE ON SCHEMA %I TO clearing_app', current_schema());
             EXECUTE format(
                 'ALTER DEFAULT PRIVILEGES IN SCHEMA %I '
-                'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {APP_ROLE}',
+                'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO clearing_app',
                 current_schema());
             EXECUTE format(
-                'ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT USAGE, SELECT ON SEQUENCES TO {APP_ROLE}',
+                'ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT USAGE, SELECT ON SEQUENCES TO clearing_app',
                 current_schema());
         EXCEPTION WHEN unique_violation OR duplicate_object THEN
             NULL;  -- another schema's migration created the role at the same moment
         END $$
         """
     )
-    op.execute(f"REVOKE ALL ON events FROM {APP_ROLE}")
-    op.execute(f"GRANT SELECT, INSERT ON events TO {APP_ROLE}")
-    op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON streams, checkpoints TO {APP_ROLE}")
+    op.execute("REVOKE ALL ON events FROM clearing_app")
+    op.execute("GRANT SELECT, INSERT ON events TO clearing_app")
+    op.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON streams, checkpoints TO clearing_app")
     op.execute(
         "DO $$ BEGIN EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO "
-        f"{APP_ROLE}', pg_get_serial_sequence('events', 'position')); END $$"
+        "clearing_app', pg_get_serial_sequence('events', 'position')); END $$"
     )
 
 
@@ -137,17 +136,17 @@ def downgrade() -> None:
     dialect = op.get_bind().dialect.name
     if dialect == "postgresql":
         op.execute(
-            f"""
+            """
             DO $$
             BEGIN
-                IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+                IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'clearing_app') THEN
                     EXECUTE format(
                         'ALTER DEFAULT PRIVILEGES IN SCHEMA %I '
-                        'REVOKE ALL ON TABLES FROM {APP_ROLE}', current_schema());
+                        'REVOKE ALL ON TABLES FROM clearing_app', current_schema());
                     EXECUTE format(
                         'ALTER DEFAULT PRIVILEGES IN SCHEMA %I '
-                        'REVOKE ALL ON SEQUENCES FROM {APP_ROLE}', current_schema());
-                    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM {APP_ROLE}', current_schema());
+                        'REVOKE ALL ON SEQUENCES FROM clearing_app', current_schema());
+                    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM clearing_app', current_schema());
                 END IF;
             END $$
             """
@@ -160,10 +159,10 @@ def downgrade() -> None:
         # The role is cluster-wide and may serve other schemas; it is dropped only when
         # nothing else depends on it.
         op.execute(
-            f"""
+            """
             DO $$
             BEGIN
-                DROP ROLE IF EXISTS {APP_ROLE};
+                DROP ROLE IF EXISTS clearing_app;
             EXCEPTION WHEN dependent_objects_still_exist THEN
                 NULL;
             END $$

@@ -515,7 +515,6 @@ RSS_BOUND_MB = 200
 GROWTH_BOUND_MB = 64
 """Peak resident memory above what the process holds once its modules are imported: what
 the statement itself costs, whatever its size."""
-SECONDS_BOUND = 60
 MEASURED = textwrap.dedent("""
     import json, resource, sys, time
 
@@ -559,8 +558,8 @@ def _measure(url: str, path: Path, out: Path) -> dict[str, Any]:
 @pytest.mark.slow
 def test_a_million_row_statement_in_bounded_memory(ledger: LedgerHarness) -> None:
     """1,000,000 statement rows in random order against 2,000 accounts, through the real
-    command in a process of its own: peak RSS under 200 MB (under 64 MB above the imports'),
-    done within 60 s. On both backends: the statement side is the same code, the ledger side
+    command in a process of its own: peak RSS under 200 MB (under 64 MB above the imports').
+    Its time is printed, not asserted: speed is measured in scripts/bench.py. On both backends: the statement side is the same code, the ledger side
     streams through a server-side cursor on PostgreSQL.
     """
     in_ledger = [i * SPACING for i in range(LEDGER_ACCOUNTS)]
@@ -604,7 +603,6 @@ def test_a_million_row_statement_in_bounded_memory(ledger: LedgerHarness) -> Non
     assert growth_mb < GROWTH_BOUND_MB
     assert measured["peak_mb"] < RSS_BOUND_MB, "imports alone now take " \
         f"{measured['imported_mb']:.0f} MB"
-    assert wall_s < SECONDS_BOUND
     with out.open(encoding="utf-8") as handle:
         document = json.load(handle)
     kinds: dict[str, int] = {}

@@ -243,7 +243,7 @@ def test_apscheduler_ticks_two_live_schedulers_and_keeps_its_job_in_the_ledger_d
 ) -> None:
     schedule = tmp_path / "every-two-seconds.toml"
     schedule.write_text('[jobs.mtm]\nsecond = "*/2"\nthen = ["margin"]\n')
-    until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=9)
+    until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=15)
     pair = [spawn("scheduler", "--schedule", str(schedule), "--until", iso(until),
                   "--db", day.url) for _ in range(2)]
     outputs = [p.communicate(timeout=120) for p in pair]
