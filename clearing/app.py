@@ -187,7 +187,7 @@ class Ledger:
             return
         target = self.store.log_position_of(max(result.positions))
         deadline = time.monotonic() + VISIBILITY_WAIT_S
-        while self.runner.checkpoint("ledger") < target:
+        while self.runner.reached("ledger") < target:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"facts up to position {target.position} were recorded but "
                                    f"are not yet readable after {VISIBILITY_WAIT_S} s: an older "

@@ -566,6 +566,13 @@ class EventStore:
                     raise
                 backoff(reconnects)
 
+    def read_page(self, conn: Connection, after: LogPosition,
+                  size: int) -> list[RecordedEvent]:
+        """Up to `size` visible events after `after`, in log order, read on `conn` (a reader
+        that keeps its own bookkeeping in the same database, such as a checkpoint, reads both
+        on one connection). Losing the connection is the caller's to retry."""
+        return self._read_page(after, LogFilter(), size, self._visible_bound(conn), conn)
+
     def visible_bound(self) -> int | None:
         """The txid below which every event writer has finished (PostgreSQL; None on
         SQLite, where writers are serialised and nothing commits out of order)."""
