@@ -8,12 +8,12 @@ the checkpoint. The tables are handed in, so a rebuild runs this same code into 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from decimal import Decimal
 from typing import Any
 
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Table, select, tuple_
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, Select, Table, TextClause, bindparam, select, text, tuple_
 
 from clearing.domain.events import TradeLeg
 from clearing.domain.instruments import Instrument, InstrumentKind, OptionType
@@ -33,6 +33,9 @@ from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
 
 KEY_CHUNK = 2_000
+COPY_ROWS_MIN = 50
+"""Rows from which PostgreSQL upserts go through COPY and a scratch table (see
+`_upsert_postgresql`)."""
 Tables = Mapping[str, Table]
 
 
@@ -58,14 +61,25 @@ def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any])
     if conn.dialect.name == "postgresql":
         return _in_postgresql(conn, table, columns, keys)
     rows: list[Any] = []
+    query = _select_in(table, tuple(columns))
     for start in range(0, len(keys), KEY_CHUNK):
-        chunk = keys[start : start + KEY_CHUNK]
-        if len(columns) == 1:
-            condition = table.c[columns[0]].in_(chunk)
-        else:
-            condition = tuple_(*(table.c[c] for c in columns)).in_(chunk)
-        rows.extend(conn.execute(select(table).where(condition)))
+        rows.extend(conn.execute(query, {"keys": keys[start : start + KEY_CHUNK]}))
     return rows
+
+
+@lru_cache(maxsize=256)
+def _select_in(table: Table, columns: tuple[str, ...]) -> Select[Any]:
+    """The rows of `table` whose `columns` are among the keys bound as `keys`, built once:
+    building and keying a statement costs more than running it on a few rows."""
+    keys = bindparam("keys", expanding=True)
+    if len(columns) == 1:
+        return select(table).where(table.c[columns[0]].in_(keys))
+    return select(table).where(tuple_(*(table.c[c] for c in columns)).in_(keys))
+
+
+@lru_cache(maxsize=256)
+def _select_all(table: Table) -> Select[Any]:
+    return select(table)
 
 
 def _in_postgresql(conn: Connection, table: Table, columns: list[str],
@@ -95,12 +109,29 @@ def _quoted(name: str) -> str:
 
 
 def instrument_from_row(row: Any) -> Instrument:
-    return Instrument.model_construct(
-        symbol=row.symbol, kind=InstrumentKind(row.kind), underlying=row.underlying,
-        settlement_asset=row.settlement_asset, expiry=row.expiry, strike=row.strike,
-        option_type=None if row.option_type is None else OptionType(row.option_type),
-        multiplier=row.multiplier,
-    )
+    """The instrument a stored row holds. Rows are read far more often than instruments are
+    listed and an `Instrument` is frozen, so one built copy serves every row with exactly
+    these values, decimals to the digit (the memo is cleared when full: a bound on memory
+    only)."""
+    key = (row.symbol, row.kind, row.underlying, row.settlement_asset, row.expiry,
+           None if row.strike is None else str(row.strike), str(row.multiplier),
+           row.option_type)
+    instrument = _INSTRUMENTS.get(key)
+    if instrument is None:
+        instrument = Instrument.model_construct(
+            symbol=row.symbol, kind=InstrumentKind(row.kind), underlying=row.underlying,
+            settlement_asset=row.settlement_asset, expiry=row.expiry, strike=row.strike,
+            option_type=None if row.option_type is None else OptionType(row.option_type),
+            multiplier=row.multiplier,
+        )
+        if len(_INSTRUMENTS) >= INSTRUMENTS_CACHED_MAX:
+            _INSTRUMENTS.clear()
+        _INSTRUMENTS[key] = instrument
+    return instrument
+
+
+_INSTRUMENTS: dict[tuple[Any, ...], Instrument] = {}
+INSTRUMENTS_CACHED_MAX = 100_000
 
 
 def position_from_row(row: Any) -> Position:
@@ -162,18 +193,28 @@ def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     if conn.dialect.name == "postgresql":
         _upsert_postgresql(conn, table, rows)
         return
-    insert = sqlite_insert
-    statement = insert(table)
-    keys = [c.name for c in table.primary_key.columns]
-    statement = statement.on_conflict_do_update(
-        index_elements=keys,
-        set_={c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys},
-    )
-    conn.execute(statement, rows)
+    conn.execute(_sqlite_upsert(table), rows)
+
+
+@lru_cache(maxsize=64)
+def _sqlite_upsert(table: Table) -> TextClause:
+    """INSERT ... ON CONFLICT DO UPDATE for `table`, built once as plain SQL with typed
+    parameters: SQLAlchemy never caches its SQLite upsert construct, so it would be compiled
+    again for every batch of facts."""
+    keys = _primary_key(table)
+    columns = [c.name for c in table.columns]
+    updates = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in keys)
+    sql = (f"INSERT INTO {_quoted(table.name)} ({', '.join(map(_quoted, columns))}) "
+           f"VALUES ({', '.join(':' + c for c in columns)}) "
+           f"ON CONFLICT ({', '.join(map(_quoted, keys))}) "
+           + (f"DO UPDATE SET {updates}" if updates else "DO NOTHING"))
+    return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in table.columns))
 
 
 def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """COPY into a session-scoped scratch table, then one INSERT ... ON CONFLICT from it."""
+    """A few rows: one INSERT ... ON CONFLICT each, sent together (psycopg pipelines an
+    `executemany`). Many rows: COPY into a session-scoped scratch table, then one INSERT ...
+    ON CONFLICT from it, which costs four round trips whatever the number of rows."""
     db = conn.connection.driver_connection
     name = _quoted(table.name)
     scratch = _quoted(f"scratch_{table.name}")
@@ -181,13 +222,20 @@ def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]
     keys = [c.name for c in table.primary_key.columns]
     column_list = ", ".join(f'"{c}"' for c in columns)
     updates = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in keys)
+    conflict = (f"ON CONFLICT ({', '.join(map(_quoted, keys))}) "
+                + (f"DO UPDATE SET {updates}" if updates else "DO NOTHING"))
+    if len(rows) < COPY_ROWS_MIN:
+        with db.cursor() as cur:
+            cur.executemany(f"INSERT INTO {name} ({column_list}) VALUES "
+                            f"({', '.join(['%s'] * len(columns))}) {conflict}",
+                            [[row[c] for c in columns] for row in rows])
+        return
     with db.cursor() as cur:
         cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {scratch} "
                     f"(LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         _copy_rows(cur, scratch, columns, rows)
         cur.execute(f"INSERT INTO {name} ({column_list}) SELECT {column_list} FROM {scratch} "
-                    f"ON CONFLICT ({', '.join(chr(34) + k + chr(34) for k in keys)}) "
-                    f"DO UPDATE SET {updates}")
+                    f"{conflict}")
         cur.execute(f"TRUNCATE {scratch}")
 
 
@@ -288,23 +336,23 @@ def load_full_state(conn: Connection, tables: Tables, with_statement: bool = Tru
                     with_trades: bool = True) -> LedgerState:
     """Every stored row, as a state (for comparing with a replay)."""
     state = LedgerState()
-    for row in conn.execute(select(tables["accounts"])):
+    for row in conn.execute(_select_all(tables["accounts"])):
         state.accounts[row.account_id] = Account(row.account_id, row.owner, row.margin_model)
-    for row in conn.execute(select(tables["instruments"])):
+    for row in conn.execute(_select_all(tables["instruments"])):
         state.instruments[row.symbol] = instrument_from_row(row)
-    for row in conn.execute(select(tables["balances"])):
+    for row in conn.execute(_select_all(tables["balances"])):
         state.balances[(row.account_id, row.asset)] = row.balance
-    for row in conn.execute(select(tables["positions"])):
+    for row in conn.execute(_select_all(tables["positions"])):
         state.positions[(row.account_id, row.instrument)] = position_from_row(row)
-    for row in conn.execute(select(tables["marks"])):
+    for row in conn.execute(_select_all(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     if with_trades:
-        _load_trades(state, conn.execute(select(tables["trade_legs"])))
-    for row in conn.execute(select(tables["risk_parameter_changes"])):
+        _load_trades(state, conn.execute(_select_all(tables["trade_legs"])))
+    for row in conn.execute(_select_all(tables["risk_parameter_changes"])):
         state.risk_changes[row.position] = change_from_row(row)
-    for row in conn.execute(select(tables["margin_states"])):
+    for row in conn.execute(_select_all(tables["margin_states"])):
         state.margin_states[row.account_id] = margin_state_from_row(row)
-    for row in conn.execute(select(tables["settlements"])):
+    for row in conn.execute(_select_all(tables["settlements"])):
         state.settlements[row.symbol] = row.settlement_price
     if not with_statement:
         return state
