@@ -200,10 +200,7 @@ class RecordedEvent:
             row = self._row
             model = self._catalogue.model(row[5])
             if row[6] == model.schema_version:
-                try:
-                    self._event = model.model_validate_json(row[7], context=FROM_THE_LOG)
-                except ValidationError as exc:
-                    raise InvalidEventPayload(row[5], exc.errors()) from None
+                self._event = _decoded(model, row[5], row[7])
             else:
                 self._event = self._catalogue.decode(row[5], row[6], json.loads(row[7]))
         return self._event
@@ -694,6 +691,30 @@ class EventStore:
 
 _COLUMNS = ("position, txid, stream_id, stream_version, event_id, type, schema_version, "
             "payload, metadata, effective_at, recorded_at, idempotency_key, hash")
+
+
+_DECODED: dict[tuple[type[Event], str], Event] = {}
+DECODED_EVENTS_MAX = 50_000
+"""Typed events kept by their stored payload (see `_decoded`)."""
+
+
+def _decoded(model: type[Event], type_name: str, payload: str) -> Event:
+    """The event a stored payload of the current schema decodes to. A stored event never
+    changes and a typed event is frozen, so one decoded copy serves every later read of it
+    in this process (the read models catching up, a job reading the marks, a bust reading
+    the trades, `verify` replaying): JSON parsing and validation are most of a read's cost.
+    The memo is cleared when full, a bound on memory, never a change in what is returned."""
+    key = (model, payload)
+    event = _DECODED.get(key)
+    if event is None:
+        try:
+            event = model.model_validate_json(payload, context=FROM_THE_LOG)
+        except ValidationError as exc:
+            raise InvalidEventPayload(type_name, exc.errors()) from None
+        if len(_DECODED) >= DECODED_EVENTS_MAX:
+            _DECODED.clear()
+        _DECODED[key] = event
+    return event
 
 
 def event_id_for(position: int, idempotency_key: str) -> str:
