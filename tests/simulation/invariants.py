@@ -35,7 +35,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import Connection, Engine, bindparam, func, select
 
 from clearing.app import Ledger
 from clearing.backoffice.replay import Difference, differences
@@ -134,34 +134,35 @@ class Checker:
     # ------------------------------------------------------------ after every step
 
     def after_step(self, step: Step, outcome: Outcome) -> int:
-        """Every cheap check; returns the number of events the step appended."""
-        new = self._new_events()
-        self._expected_effect(step, outcome, len(new))
-        for recorded in new:
-            self._check_envelope(recorded, step)
-        if new:
+        """Every cheap check; returns the number of events the step appended. The reads
+        share one connection (one checkout, not three, per step)."""
+        with self.engine.connect() as conn:
+            new = self._new_events(conn)
+            self._expected_effect(step, outcome, len(new))
             for recorded in new:
-                evolve(self.state, _Fact(recorded.position, recorded.effective_at,
-                                         recorded.event))
-            self.last_position = new[-1].position
-            self.events += len(new)
-        seen = self._compare_touched(new)
-        self._compare_balances()
+                self._check_envelope(recorded, step)
+            if new:
+                for recorded in new:
+                    evolve(self.state, _Fact(recorded.position, recorded.effective_at,
+                                             recorded.event))
+                self.last_position = new[-1].position
+                self.events += len(new)
+            seen = self._compare_touched(new, conn)
+            self._compare_balances(conn)
         self._check_open_interest(seen["positions"])
         self._check_house_rules(seen["positions"], seen["settlements"])
         return len(new)
 
-    def _new_events(self) -> list[RecordedEvent]:
+    def _new_events(self, conn: Connection) -> list[RecordedEvent]:
         mark = "%s" if self.is_postgresql else "?"
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor()
-            try:
-                cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > {mark} "
-                            "ORDER BY txid, position", (self.last_position,))
-                rows = cur.fetchall()
-            finally:
-                cur.close()
-            conn.rollback()
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > {mark} "
+                        "ORDER BY txid, position", (self.last_position,))
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        conn.rollback()
         return [RecordedEvent(tuple(row), catalogue, not self.is_postgresql) for row in rows]
 
     def _expected_effect(self, step: Step, outcome: Outcome, appended: int) -> None:
@@ -211,7 +212,8 @@ class Checker:
             raise InvariantBroken(f"event at position {recorded.position} recorded at "
                                   f"{recorded.recorded_at}, not at the step's time {step.now}")
 
-    def _compare_touched(self, new: list[RecordedEvent]) -> dict[str, set[Any]]:
+    def _compare_touched(self, new: list[RecordedEvent],
+                         conn: Connection) -> dict[str, set[Any]]:
         """The stored rows of every key the fold read or wrote this step, and the statement
         lines of the new events, against the fold; returns those keys, by read model."""
         seen = {name: getattr(self.state, name).take() for name in MODELS}
@@ -224,18 +226,18 @@ class Checker:
         keys = Touched(accounts=seen["accounts"], instruments=symbols,
                        balances=set(), positions=seen["positions"], marks=seen["marks"],
                        trades=seen["trades"], margin_states=seen["margin_states"])
-        with self.engine.connect() as conn:
-            stored = load_state(conn, _TABLES, keys)
-            if seen["risk_changes"]:
-                for row in conn.execute(_RISK_CHANGES_AT,
-                                        {"positions": list(seen["risk_changes"])}):
-                    stored.risk_changes[row.position] = change_from_row(row)
-            if new:
-                for row in conn.execute(_STATEMENT_LINES, {"first": new[0].position,
-                                                           "last": new[-1].position}):
-                    stored.statement.append(StatementLine(
-                        row.position, row.account_id, row.asset, row.effective_at, row.type,
-                        row.reference, row.amount, row.balance))
+        stored = load_state(conn, _TABLES, keys)
+        if seen["risk_changes"]:
+            for row in conn.execute(_RISK_CHANGES_AT,
+                                    {"positions": list(seen["risk_changes"])}):
+                stored.risk_changes[row.position] = change_from_row(row)
+        if new:
+            for row in conn.execute(_STATEMENT_LINES, {"first": new[0].position,
+                                                       "last": new[-1].position}):
+                stored.statement.append(StatementLine(
+                    row.position, row.account_id, row.asset, row.effective_at, row.type,
+                    row.reference, row.amount, row.balance))
+        conn.rollback()
         folded = LedgerState(statement=lines)
         for name in ("accounts", "instruments", "positions", "marks", "trades",
                      "risk_changes", "margin_states", "settlements"):
@@ -247,12 +249,12 @@ class Checker:
         self._raise_differences("rows touched by the step", differences(stored, folded))
         return seen
 
-    def _compare_balances(self) -> None:
+    def _compare_balances(self, conn: Connection) -> None:
         """Every stored balance against the fold, and their sum per asset."""
         totals: dict[str, Decimal] = defaultdict(Decimal)
         stored = {}
         for account_id, asset, balance in self._rows(
-                "SELECT account_id, asset, balance FROM balances"):
+                conn, "SELECT account_id, asset, balance FROM balances"):
             stored[(account_id, asset)] = amount = Decimal(balance)
             totals[asset] += amount
         bad = {a: v for a, v in sorted(totals.items()) if v != 0}
@@ -325,15 +327,15 @@ class Checker:
             raise InvariantBroken(f"the insurance fund is at {fund} USDC (SPEC section 5: "
                                   "it covers deficits as far as its balance goes)")
 
-    def _rows(self, sql: str) -> list[tuple[Any, ...]]:
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor()
-            try:
-                cur.execute(sql)
-                rows = cur.fetchall()
-            finally:
-                cur.close()
-            conn.rollback()
+    @staticmethod
+    def _rows(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.execute(sql)
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        conn.rollback()
         return rows
 
     @staticmethod
