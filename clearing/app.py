@@ -14,10 +14,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, bindparam, func, select
 
 from clearing.backoffice.csvinput import InputProblem, InputRejected
 from clearing.backoffice.imports import DecidedRow, ImportKind, decide_file
+from clearing.backoffice.replay import REFERENCE_TYPES
 from clearing.config import database_url
 from clearing.domain.commands import BustTrade, NewFact, decide_bust
 from clearing.domain.events import TradeCleared
@@ -32,6 +33,7 @@ from clearing.projections.runner import ProjectionRunner
 from clearing.store.database import open_database
 from clearing.store.errors import IdempotencyConflict
 from clearing.store.eventstore import AppendResult, EventStore, PendingEvent, utc_now
+from clearing.store.tables import events
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,19 @@ class ImportReport:
 
 VISIBILITY_WAIT_S = 60
 """How long a command waits for an older concurrent writer before giving up."""
+
+# What decisions read, built once: building and keying a statement costs more than running
+# it on a few rows, and every command runs several.
+_ACCOUNT = select(t.accounts).where(t.accounts.c.account_id == bindparam("account_id"))
+_ACCOUNT_IDS = select(t.accounts.c.account_id)
+_INSTRUMENTS = select(t.instruments)
+_BALANCE = select(t.balances.c.balance).where(t.balances.c.account_id == bindparam("account_id"),
+                                              t.balances.c.asset == bindparam("asset"))
+_SETTLED = select(t.settlements.c.symbol)
+_TRADE_LEGS = select(t.trade_legs).where(t.trade_legs.c.trade_id == bindparam("trade_id"))
+_LATEST_EFFECTIVE = select(func.max(events.c.effective_at)).where(
+    events.c.type.not_in(REFERENCE_TYPES))
+"""The latest effective time of anything but reference data (see `state_at`)."""
 
 
 class Ledger:
@@ -78,24 +93,22 @@ class Ledger:
 
     def account(self, account_id: str) -> Account | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(t.accounts).where(t.accounts.c.account_id == account_id)
-                               ).first()
+            row = conn.execute(_ACCOUNT, {"account_id": account_id}).first()
         return None if row is None else Account(row.account_id, row.owner, row.margin_model)
 
     def account_ids(self) -> set[str]:
         with self.engine.connect() as conn:
-            return set(conn.execute(select(t.accounts.c.account_id)).scalars())
+            return set(conn.execute(_ACCOUNT_IDS).scalars())
 
     def instruments(self) -> dict[str, Instrument]:
         with self.engine.connect() as conn:
             return {row.symbol: instrument_from_row(row)
-                    for row in conn.execute(select(t.instruments))}
+                    for row in conn.execute(_INSTRUMENTS)}
 
     def balance(self, account_id: str, asset: str) -> Decimal:
         with self.engine.connect() as conn:
-            value = conn.execute(select(t.balances.c.balance).where(
-                t.balances.c.account_id == account_id, t.balances.c.asset == asset)
-            ).scalar_one_or_none()
+            value = conn.execute(_BALANCE, {"account_id": account_id, "asset": asset}
+                                 ).scalar_one_or_none()
         return Decimal(0) if value is None else value
 
     def check_withdrawal(self, account_id: str, withdrawn: dict[str, Decimal],
@@ -139,15 +152,12 @@ class Ledger:
     def state_at(self, at: datetime) -> LedgerState:
         """The ledger's state as of `at`: the read models when nothing recorded is effective
         later, else a replay of the log up to `at` (a job run for a past moment)."""
-        from clearing.backoffice.replay import REFERENCE_TYPES, ReplayBounds, replay
+        from clearing.backoffice.replay import ReplayBounds, replay
         from clearing.projections.ledger import load_full_state
-        from clearing.store.tables import events
 
         self.refresh()
         with self.engine.connect() as conn:
-            latest = conn.execute(
-                select(func.max(events.c.effective_at))
-                .where(events.c.type.not_in(REFERENCE_TYPES))).scalar_one_or_none()
+            latest = conn.execute(_LATEST_EFFECTIVE).scalar_one_or_none()
         if latest is not None and latest > at:
             return replay(self.store, ReplayBounds(as_of=at))
         with self.engine.connect() as conn:
@@ -156,13 +166,12 @@ class Ledger:
 
     def settled_instruments(self) -> set[str]:
         with self.engine.connect() as conn:
-            return set(conn.execute(select(t.settlements.c.symbol)).scalars())
+            return set(conn.execute(_SETTLED).scalars())
 
     def trade(self, trade_id: str) -> TradeRecord | None:
         state = LedgerState()
         with self.engine.connect() as conn:
-            _load_trades(state, conn.execute(select(t.trade_legs).where(
-                t.trade_legs.c.trade_id == trade_id)))
+            _load_trades(state, conn.execute(_TRADE_LEGS, {"trade_id": trade_id}))
         return state.trades.get(trade_id)
 
     # ------------------------------------------------------------ recording
@@ -187,7 +196,7 @@ class Ledger:
             return
         target = self.store.log_position_of(max(result.positions))
         deadline = time.monotonic() + VISIBILITY_WAIT_S
-        while self.runner.checkpoint("ledger") < target:
+        while self.runner.reached("ledger") < target:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"facts up to position {target.position} were recorded but "
                                    f"are not yet readable after {VISIBILITY_WAIT_S} s: an older "

@@ -52,7 +52,7 @@ from bench_eod import EOD_SCALES, eod
 from bench_ledger import LEDGER_SCALES, Figure, clear_trades, margin
 from clearing.domain.clock import storage_time
 from clearing.store.database import create_engine_for, upgrade
-from clearing.store.eventstore import EventStore
+from clearing.store.eventstore import EventStore, forget_decoded_events
 
 BATCH_SIZE = 1_000
 """Events per append (store) and per executemany/COPY transaction (raw)."""
@@ -453,6 +453,7 @@ def read_all(bench: Bench) -> Result:
     ours_times: list[float] = []
     raw_times: list[float] = []
     for _ in range(READ_REPEATS):
+        forget_decoded_events()  # each read parses every payload from storage
         began = time.perf_counter()
         # A fresh store: the one that appended keeps its just-written events in memory, and
         # a replay must pay for parsing them from storage. Touch every typed event: the

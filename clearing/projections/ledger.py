@@ -8,12 +8,14 @@ the checkpoint. The tables are handed in, so a rebuild runs this same code into 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import sql as pg_sql
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Table, select, tuple_
+from sqlalchemy import Connection, Select, Table, TextClause, bindparam, select, text, tuple_
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from clearing.domain.events import TradeLeg
@@ -34,6 +36,9 @@ from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
 
 KEY_CHUNK = 2_000
+COPY_ROWS_MIN = 50
+"""Rows from which PostgreSQL upserts go through COPY and a scratch table (see
+`_upsert_postgresql`)."""
 Tables = Mapping[str, Table]
 
 
@@ -59,14 +64,25 @@ def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any])
     if conn.dialect.name == "postgresql":
         return _in_postgresql(conn, table, columns, keys)
     rows: list[Any] = []
+    query = _select_in(table, tuple(columns))
     for start in range(0, len(keys), KEY_CHUNK):
-        chunk = keys[start : start + KEY_CHUNK]
-        if len(columns) == 1:
-            condition = table.c[columns[0]].in_(chunk)
-        else:
-            condition = tuple_(*(table.c[c] for c in columns)).in_(chunk)
-        rows.extend(conn.execute(select(table).where(condition)))
+        rows.extend(conn.execute(query, {"keys": keys[start : start + KEY_CHUNK]}))
     return rows
+
+
+@lru_cache(maxsize=256)
+def _select_in(table: Table, columns: tuple[str, ...]) -> Select[Any]:
+    """The rows of `table` whose `columns` are among the keys bound as `keys`, built once:
+    building and keying a statement costs more than running it on a few rows."""
+    keys = bindparam("keys", expanding=True)
+    if len(columns) == 1:
+        return select(table).where(table.c[columns[0]].in_(keys))
+    return select(table).where(tuple_(*(table.c[c] for c in columns)).in_(keys))
+
+
+@lru_cache(maxsize=256)
+def _select_all(table: Table) -> Select[Any]:
+    return select(table)
 
 
 def _in_postgresql(conn: Connection, table: Table, columns: list[str],
@@ -74,11 +90,22 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
     """Rows by key through a join on unnested arrays: one statement, index lookups, however
     many keys (an IN list of row values is checked row by row)."""
     db = conn.connection.driver_connection
-    name = pg_sql.Identifier(table.name)
+    if len(columns) == 1:
+        params: tuple[Any, ...] = (keys,)
+    else:
+        params = tuple([key[i] for key in keys] for i in range(len(columns)))
+    with db.cursor(row_factory=namedtuple_row) as cur:
+        cur.execute(_pg_select_by_keys(table.name, tuple(columns)), params)
+        return cur.fetchall()
+
+
+@lru_cache(maxsize=256)
+def _pg_select_by_keys(table: str, columns: tuple[str, ...]) -> str:
+    """`_in_postgresql`'s statement, composed by psycopg once per table and key."""
+    name = pg_sql.Identifier(table)
     if len(columns) == 1:
         statement = pg_sql.SQL("SELECT * FROM {} WHERE {} = ANY(%s)").format(
             name, pg_sql.Identifier(columns[0]))
-        params: tuple[Any, ...] = (keys,)
     else:
         keys_as = [pg_sql.Identifier(f"k{i}") for i in range(len(columns))]
         statement = pg_sql.SQL("SELECT t.* FROM {} t JOIN unnest({}) AS k({}) ON {}").format(
@@ -88,19 +115,33 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
             pg_sql.SQL(" AND ").join(
                 pg_sql.SQL("t.{} = k.{}").format(pg_sql.Identifier(c), key)
                 for c, key in zip(columns, keys_as, strict=True)))
-        params = tuple([key[i] for key in keys] for i in range(len(columns)))
-    with db.cursor(row_factory=namedtuple_row) as cur:
-        cur.execute(statement, params)
-        return cur.fetchall()
+    return statement.as_string(None)
 
 
 def instrument_from_row(row: Any) -> Instrument:
-    return Instrument.model_construct(
-        symbol=row.symbol, kind=InstrumentKind(row.kind), underlying=row.underlying,
-        settlement_asset=row.settlement_asset, expiry=row.expiry, strike=row.strike,
-        option_type=None if row.option_type is None else OptionType(row.option_type),
-        multiplier=row.multiplier,
-    )
+    """The instrument a stored row holds. Rows are read far more often than instruments are
+    listed and an `Instrument` is frozen, so one built copy serves every row with exactly
+    these values, decimals to the digit (the memo is cleared when full: a bound on memory
+    only)."""
+    key = (row.symbol, row.kind, row.underlying, row.settlement_asset, row.expiry,
+           None if row.strike is None else str(row.strike), str(row.multiplier),
+           row.option_type)
+    instrument = _INSTRUMENTS.get(key)
+    if instrument is None:
+        instrument = Instrument.model_construct(
+            symbol=row.symbol, kind=InstrumentKind(row.kind), underlying=row.underlying,
+            settlement_asset=row.settlement_asset, expiry=row.expiry, strike=row.strike,
+            option_type=None if row.option_type is None else OptionType(row.option_type),
+            multiplier=row.multiplier,
+        )
+        if len(_INSTRUMENTS) >= INSTRUMENTS_CACHED_MAX:
+            _INSTRUMENTS.clear()
+        _INSTRUMENTS[key] = instrument
+    return instrument
+
+
+_INSTRUMENTS: dict[tuple[Any, ...], Instrument] = {}
+INSTRUMENTS_CACHED_MAX = 100_000
 
 
 def position_from_row(row: Any) -> Position:
@@ -162,36 +203,82 @@ def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     if conn.dialect.name == "postgresql":
         _upsert_postgresql(conn, table, rows)
         return
-    insert = sqlite_insert
-    statement = insert(table)
-    keys = [c.name for c in table.primary_key.columns]
-    statement = statement.on_conflict_do_update(
-        index_elements=keys,
-        set_={c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys},
-    )
-    conn.execute(statement, rows)
+    conn.execute(_sqlite_upsert(table), rows)
+
+
+@lru_cache(maxsize=64)
+def _sqlite_upsert(table: Table) -> TextClause:
+    """INSERT ... ON CONFLICT DO UPDATE for `table`, compiled by SQLAlchemy once and kept as
+    text with typed parameters: SQLAlchemy never caches its SQLite upsert construct, so it
+    would be compiled again for every batch of facts."""
+    keys = _primary_key(table)
+    statement = sqlite_insert(table).values({c.name: bindparam(c.name) for c in table.columns})
+    updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    statement = (statement.on_conflict_do_update(index_elements=keys, set_=updates) if updates
+                 else statement.on_conflict_do_nothing(index_elements=keys))
+    compiled = str(statement.compile(dialect=_SQLITE_NAMED))
+    return text(compiled).bindparams(*(bindparam(c.name, type_=c.type) for c in table.columns))
+
+
+_SQLITE_NAMED = sqlite_dialect.pysqlite.dialect(paramstyle="named")
 
 
 def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """COPY into a session-scoped scratch table, then one INSERT ... ON CONFLICT from it."""
+    """A few rows: one INSERT ... ON CONFLICT each, sent together (psycopg pipelines an
+    `executemany`). Many rows: COPY into a session-scoped scratch table, then one INSERT ...
+    ON CONFLICT from it, which costs four round trips whatever the number of rows."""
     db = conn.connection.driver_connection
-    name = pg_sql.Identifier(table.name)
-    scratch = pg_sql.Identifier(f"scratch_{table.name}")
     columns = [c.name for c in table.columns]
     keys = [c.name for c in table.primary_key.columns]
-    column_list = pg_sql.SQL(", ").join(map(pg_sql.Identifier, columns))
-    updates = pg_sql.SQL(", ").join(
-        pg_sql.SQL("{} = excluded.{}").format(pg_sql.Identifier(c), pg_sql.Identifier(c))
-        for c in columns if c not in keys)
+    statements = _pg_upsert_statements(table.name, tuple(columns), tuple(keys))
+    if len(rows) < COPY_ROWS_MIN:
+        with db.cursor() as cur:
+            cur.executemany(statements.insert_values,
+                            [[row[c] for c in columns] for row in rows])
+        return
     with db.cursor() as cur:
-        cur.execute(pg_sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
-                               "ON COMMIT DELETE ROWS").format(scratch, name))
-        _copy_rows(cur, scratch, columns, rows)
-        cur.execute(pg_sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) "
-                               "DO UPDATE SET {}").format(
-            name, column_list, column_list, scratch,
-            pg_sql.SQL(", ").join(map(pg_sql.Identifier, keys)), updates))
-        cur.execute(pg_sql.SQL("TRUNCATE {}").format(scratch))
+        cur.execute(statements.create_scratch)
+        with cur.copy(statements.copy_into_scratch) as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
+        cur.execute(statements.insert_from_scratch)
+        cur.execute(statements.empty_scratch)
+
+
+class _PgUpsert(NamedTuple):
+    insert_values: str
+    create_scratch: str
+    copy_into_scratch: str
+    insert_from_scratch: str
+    empty_scratch: str
+
+
+@lru_cache(maxsize=64)
+def _pg_upsert_statements(table: str, columns: tuple[str, ...], keys: tuple[str, ...]
+                          ) -> _PgUpsert:
+    """The upsert's statements for one read-model table, composed by psycopg (names quoted
+    as identifiers) once per table."""
+    name = pg_sql.Identifier(table)
+    scratch = pg_sql.Identifier(f"scratch_{table}")
+    column_list = pg_sql.SQL(", ").join(map(pg_sql.Identifier, columns))
+    updates = [pg_sql.SQL("{} = excluded.{}").format(pg_sql.Identifier(c), pg_sql.Identifier(c))
+               for c in columns if c not in keys]
+    conflict = pg_sql.SQL("ON CONFLICT ({}) {}").format(
+        pg_sql.SQL(", ").join(map(pg_sql.Identifier, keys)),
+        pg_sql.SQL("DO UPDATE SET {}").format(pg_sql.SQL(", ").join(updates)) if updates
+        else pg_sql.SQL("DO NOTHING"))
+    composed = _PgUpsert(
+        insert_values=pg_sql.SQL("INSERT INTO {} ({}) VALUES ({}) {}").format(
+            name, column_list, pg_sql.SQL(", ").join(pg_sql.Placeholder() * len(columns)),
+            conflict),
+        create_scratch=pg_sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING "
+                                  "DEFAULTS) ON COMMIT DELETE ROWS").format(scratch, name),
+        copy_into_scratch=pg_sql.SQL("COPY {} ({}) FROM STDIN").format(scratch, column_list),
+        insert_from_scratch=pg_sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} {}").format(
+            name, column_list, column_list, scratch, conflict),
+        empty_scratch=pg_sql.SQL("TRUNCATE {}").format(scratch),
+    )
+    return _PgUpsert(*(statement.as_string(None) for statement in composed))
 
 
 def _copy_rows(cur: Any, table: pg_sql.Identifier, columns: list[str],
@@ -293,23 +380,23 @@ def load_full_state(conn: Connection, tables: Tables, with_statement: bool = Tru
                     with_trades: bool = True) -> LedgerState:
     """Every stored row, as a state (for comparing with a replay)."""
     state = LedgerState()
-    for row in conn.execute(select(tables["accounts"])):
+    for row in conn.execute(_select_all(tables["accounts"])):
         state.accounts[row.account_id] = Account(row.account_id, row.owner, row.margin_model)
-    for row in conn.execute(select(tables["instruments"])):
+    for row in conn.execute(_select_all(tables["instruments"])):
         state.instruments[row.symbol] = instrument_from_row(row)
-    for row in conn.execute(select(tables["balances"])):
+    for row in conn.execute(_select_all(tables["balances"])):
         state.balances[(row.account_id, row.asset)] = row.balance
-    for row in conn.execute(select(tables["positions"])):
+    for row in conn.execute(_select_all(tables["positions"])):
         state.positions[(row.account_id, row.instrument)] = position_from_row(row)
-    for row in conn.execute(select(tables["marks"])):
+    for row in conn.execute(_select_all(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     if with_trades:
-        _load_trades(state, conn.execute(select(tables["trade_legs"])))
-    for row in conn.execute(select(tables["risk_parameter_changes"])):
+        _load_trades(state, conn.execute(_select_all(tables["trade_legs"])))
+    for row in conn.execute(_select_all(tables["risk_parameter_changes"])):
         state.risk_changes[row.position] = change_from_row(row)
-    for row in conn.execute(select(tables["margin_states"])):
+    for row in conn.execute(_select_all(tables["margin_states"])):
         state.margin_states[row.account_id] = margin_state_from_row(row)
-    for row in conn.execute(select(tables["settlements"])):
+    for row in conn.execute(_select_all(tables["settlements"])):
         state.settlements[row.symbol] = row.settlement_price
     if not with_statement:
         return state

@@ -21,9 +21,7 @@ from typing import Any, Protocol
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from psycopg import sql as pg_sql
-from sqlalchemy import Connection, MetaData, Table, inspect, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, MetaData, Table, bindparam, inspect, select, text
 
 from clearing.domain.ledger import Fact
 from clearing.projections.ledger import LedgerProjection, Tables
@@ -35,6 +33,17 @@ from clearing.store.tables import checkpoints
 
 PAGE_SIZE = 5_000
 SHADOW_SUFFIX = "__rebuild"
+
+# Built once: every catch-up runs them, and building and keying a statement costs more than
+# running it. The INSERT is plain SQL because SQLAlchemy's dialect-specific upserts are never
+# cached, so they would be compiled again on every call.
+_READ_CHECKPOINT = select(checkpoints.c.txid, checkpoints.c.position).where(
+    checkpoints.c.name == bindparam("name"))
+_LOCK_CHECKPOINT = _READ_CHECKPOINT.with_for_update()
+_ADD_CHECKPOINT = text("INSERT INTO checkpoints (name, txid, position) VALUES (:name, 0, 0) "
+                       "ON CONFLICT (name) DO NOTHING")
+_SAVE_CHECKPOINT = text("UPDATE checkpoints SET txid = :txid, position = :position "
+                        "WHERE name = :name")
 
 
 class Projection(Protocol):
@@ -55,6 +64,7 @@ class ProjectionRunner:
         self.engine = store.engine
         self.projections = projections if projections is not None else default_projections()
         self.page_size = page_size
+        self._reached: dict[str, LogPosition] = {}
 
     # ------------------------------------------------------------ live updates
 
@@ -69,9 +79,10 @@ class ProjectionRunner:
         tables = {t.name: t for t in projection.tables}
         applied = 0
         while True:
-            checkpoint = self.checkpoint(projection.name)
-            page = list(self.store.read_all(checkpoint, page_size=self.page_size,
-                                            limit=self.page_size))
+            with self.engine.connect() as conn:
+                checkpoint = self._read_checkpoint(conn, projection.name)
+                conn.rollback()
+                page = self.store.read_page(conn, checkpoint, self.page_size)
             if not page:
                 return applied
             with write_transaction(self.engine) as conn:
@@ -80,30 +91,38 @@ class ProjectionRunner:
                 projection.apply(conn, page, tables)
                 pause_at(PAUSE_IN_PROJECTION_ENV)
                 self._save_checkpoint(conn, projection.name, page[-1].log_position)
+            self._note(projection.name, page[-1].log_position)  # committed
             applied += len(page)
+            if len(page) < self.page_size:
+                return applied  # the log held nothing more when this page was read
 
     def checkpoint(self, name: str) -> LogPosition:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(checkpoints.c.txid, checkpoints.c.position)
-                .where(checkpoints.c.name == name)
-            ).first()
-        return START if row is None else LogPosition(int(row.txid), int(row.position))
+            return self._read_checkpoint(conn, name)
+
+    def reached(self, name: str) -> LogPosition:
+        """The checkpoint of `name` as this runner last read or moved it (no query): the
+        stored one is never behind it, since checkpoints only move forward."""
+        return self._reached.get(name, START)
+
+    def _read_checkpoint(self, conn: Connection, name: str) -> LogPosition:
+        row = conn.execute(_READ_CHECKPOINT, {"name": name}).first()
+        return self._note(name, START if row is None
+                          else LogPosition(int(row.txid), int(row.position)))
+
+    def _note(self, name: str, at: LogPosition) -> LogPosition:
+        self._reached[name] = max(at, self._reached.get(name, START))
+        return at
 
     def _lock_checkpoint(self, conn: Connection, name: str) -> LogPosition:
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        conn.execute(insert(checkpoints).values(name=name, txid=0, position=0)
-                     .on_conflict_do_nothing(index_elements=[checkpoints.c.name]))
-        query = select(checkpoints.c.txid, checkpoints.c.position).where(
-            checkpoints.c.name == name)
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        row = conn.execute(query).one()
-        return LogPosition(int(row.txid), int(row.position))
+        conn.execute(_ADD_CHECKPOINT, {"name": name})
+        query = _LOCK_CHECKPOINT if conn.dialect.name == "postgresql" else _READ_CHECKPOINT
+        row = conn.execute(query, {"name": name}).one()
+        return self._note(name, LogPosition(int(row.txid), int(row.position)))
 
     def _save_checkpoint(self, conn: Connection, name: str, at: LogPosition) -> None:
-        conn.execute(checkpoints.update().where(checkpoints.c.name == name)
-                     .values(txid=at.txid, position=at.position))
+        conn.execute(_SAVE_CHECKPOINT, {"name": name, "txid": at.txid,
+                                        "position": at.position})
 
     # ------------------------------------------------------------ rebuild
 

@@ -40,13 +40,16 @@ def application_role() -> str | None:
     return value or None
 
 
-def create_engine_for(url: str, *, role: str | None = None) -> Engine:
+def create_engine_for(url: str, *, role: str | None = None, pre_ping: bool = True) -> Engine:
     """An engine for `url`; psycopg 3 is the PostgreSQL driver whatever the URL's scheme says.
-    With `role` (PostgreSQL), every connection switches to it (`SET ROLE`) when it opens."""
+    With `role` (PostgreSQL), every connection switches to it (`SET ROLE`) when it opens.
+    `pre_ping` (PostgreSQL) tries each pooled connection before handing it out, so one the
+    server dropped meanwhile is replaced instead of failing the first statement; it costs a
+    round trip per checkout."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-        engine = create_engine(parsed, pool_pre_ping=True)
+        engine = create_engine(parsed, pool_pre_ping=pre_ping)
         _configure_postgresql(engine, role)
         return engine
     if parsed.get_backend_name() != "sqlite":

@@ -34,3 +34,20 @@ class ExactDecimal(TypeDecorator[Decimal]):
         if value is None:
             return None
         return Decimal(value) if isinstance(value, str) else value
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        """`process_result_value` without the generic wrapper around it: a read of the
+        whole book converts a million values. psycopg already returns NUMERIC as Decimal
+        (and NULL as None), so there no conversion is needed at all."""
+        inner = self.impl_instance.dialect_impl(dialect).result_processor(dialect, coltype)
+        if inner is not None:
+            return super().result_processor(dialect, coltype)
+        if dialect.name == "sqlite":
+            return _from_text
+        if dialect.driver == "psycopg":
+            return None
+        return super().result_processor(dialect, coltype)
+
+
+def _from_text(value: Any) -> Decimal | None:
+    return value if value is None or value.__class__ is not str else Decimal(value)

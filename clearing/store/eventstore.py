@@ -202,10 +202,7 @@ class RecordedEvent:
             row = self._row
             current_version, read_json = self._catalogue.json_reader(row[5])
             if row[6] == current_version:
-                try:
-                    self._event = read_json(row[7])
-                except ValidationError as exc:
-                    raise InvalidEventPayload(row[5], exc.errors()) from None
+                self._event = _decoded(read_json, row[5], row[7])
             else:
                 self._event = self._catalogue.decode(row[5], row[6], json.loads(row[7]))
         return self._event
@@ -551,6 +548,13 @@ class EventStore:
                     raise
                 backoff(reconnects)
 
+    def read_page(self, conn: Connection, after: LogPosition,
+                  size: int) -> list[RecordedEvent]:
+        """Up to `size` visible events after `after`, in log order, read on `conn` (a reader
+        that keeps its own bookkeeping in the same database, such as a checkpoint, reads both
+        on one connection). Losing the connection is the caller's to retry."""
+        return self._read_page(after, LogFilter(), size, self._visible_bound(conn), conn)
+
     def visible_bound(self) -> int | None:
         """The txid below which every event writer has finished (PostgreSQL; None on
         SQLite, where writers are serialised and nothing commits out of order)."""
@@ -736,6 +740,35 @@ def _page_query(postgresql: bool, visible_bound: bool, until: bool, before: bool
              .limit(bindparam("page_size")))
     compiled = query.compile(dialect=_DIALECTS[postgresql])
     return str(compiled), {k: v for k, v in compiled.params.items() if v is not None}
+
+
+_DECODED: dict[tuple[Callable[[str], Event], str], Event] = {}
+DECODED_EVENTS_MAX = 50_000
+"""Typed events kept by their stored payload (see `_decoded`)."""
+
+
+def _decoded(read_json: Callable[[str], Event], type_name: str, payload: str) -> Event:
+    """The event a stored payload of the current schema decodes to. A stored event never
+    changes and a typed event is frozen, so one decoded copy serves every later read of it
+    in this process (the read models catching up, a job reading the marks, a bust reading
+    the trades, `verify` replaying): JSON parsing and validation are most of a read's cost.
+    The memo is cleared when full, a bound on memory, never a change in what is returned."""
+    key = (read_json, payload)
+    event = _DECODED.get(key)
+    if event is None:
+        try:
+            event = read_json(payload)
+        except ValidationError as exc:
+            raise InvalidEventPayload(type_name, exc.errors()) from None
+        if len(_DECODED) >= DECODED_EVENTS_MAX:
+            _DECODED.clear()
+        _DECODED[key] = event
+    return event
+
+
+def forget_decoded_events() -> None:
+    """Empty the memo of decoded payloads (the benchmark, to time a replay from storage)."""
+    _DECODED.clear()
 
 
 def event_id_for(position: int, idempotency_key: str) -> str:

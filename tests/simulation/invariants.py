@@ -35,7 +35,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, bindparam, func, select
 
 from clearing.app import Ledger
 from clearing.backoffice.replay import Difference, differences
@@ -54,6 +54,13 @@ from tests.simulation.workload import Expect, Outcome, Step
 DIFFERENCES_SHOWN = 5
 _EVENT_COLUMNS = ("position, txid, stream_id, stream_version, event_id, type, schema_version, "
                   "payload, metadata, effective_at, recorded_at, idempotency_key, hash")
+
+
+_RISK_CHANGES_AT = select(t.risk_parameter_changes).where(
+    t.risk_parameter_changes.c.position.in_(bindparam("positions", expanding=True)))
+_STATEMENT_LINES = select(t.statement).where(t.statement.c.position >= bindparam("first"),
+                                             t.statement.c.position <= bindparam("last"))
+_TABLES = {x.name: x for x in t.LEDGER_TABLES}
 
 
 class InvariantBroken(AssertionError):
@@ -113,6 +120,12 @@ class Checker:
     events: int = 0
     keys: set[str] = field(default_factory=set)
     heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+    open_interest: defaultdict[str, Decimal] = field(
+        default_factory=lambda: defaultdict(Decimal))
+    """Each instrument's net position in the fold, moved by the positions a step touched."""
+    quantities: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    holders: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    """The accounts with an open position in each instrument, in the fold."""
 
     @property
     def is_postgresql(self) -> bool:
@@ -121,34 +134,35 @@ class Checker:
     # ------------------------------------------------------------ after every step
 
     def after_step(self, step: Step, outcome: Outcome) -> int:
-        """Every cheap check; returns the number of events the step appended."""
-        new = self._new_events()
-        self._expected_effect(step, outcome, len(new))
-        for recorded in new:
-            self._check_envelope(recorded, step)
-        if new:
+        """Every cheap check; returns the number of events the step appended. The reads
+        share one connection (one checkout, not three, per step)."""
+        with self.engine.connect() as conn:
+            new = self._new_events(conn)
+            self._expected_effect(step, outcome, len(new))
             for recorded in new:
-                evolve(self.state, _Fact(recorded.position, recorded.effective_at,
-                                         recorded.event))
-            self.last_position = new[-1].position
-            self.events += len(new)
-        self._compare_touched(new)
-        self._compare_balances()
-        self._check_open_interest()
-        self._check_house_rules()
+                self._check_envelope(recorded, step)
+            if new:
+                for recorded in new:
+                    evolve(self.state, _Fact(recorded.position, recorded.effective_at,
+                                             recorded.event))
+                self.last_position = new[-1].position
+                self.events += len(new)
+            seen = self._compare_touched(new, conn)
+            self._compare_balances(conn)
+        self._check_open_interest(seen["positions"])
+        self._check_house_rules(seen["positions"], seen["settlements"])
         return len(new)
 
-    def _new_events(self) -> list[RecordedEvent]:
+    def _new_events(self, conn: Connection) -> list[RecordedEvent]:
         mark = "%s" if self.is_postgresql else "?"
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor()
-            try:
-                cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > {mark} "
-                            "ORDER BY txid, position", (self.last_position,))
-                rows = cur.fetchall()
-            finally:
-                cur.close()
-            conn.rollback()
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > {mark} "
+                        "ORDER BY txid, position", (self.last_position,))
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        conn.rollback()
         return [RecordedEvent(tuple(row), catalogue, not self.is_postgresql) for row in rows]
 
     def _expected_effect(self, step: Step, outcome: Outcome, appended: int) -> None:
@@ -198,34 +212,32 @@ class Checker:
             raise InvariantBroken(f"event at position {recorded.position} recorded at "
                                   f"{recorded.recorded_at}, not at the step's time {step.now}")
 
-    def _compare_touched(self, new: list[RecordedEvent]) -> None:
+    def _compare_touched(self, new: list[RecordedEvent],
+                         conn: Connection) -> dict[str, set[Any]]:
         """The stored rows of every key the fold read or wrote this step, and the statement
-        lines of the new events, against the fold."""
+        lines of the new events, against the fold; returns those keys, by read model."""
         seen = {name: getattr(self.state, name).take() for name in MODELS}
         lines, self.state.statement = self.state.statement, []
         if not new and not any(seen.values()):
-            return
+            return seen
         # Settlements are stored by symbol and loaded with the instruments.
         symbols = seen["instruments"] = seen["settlements"] = \
             seen["instruments"] | seen["settlements"]
         keys = Touched(accounts=seen["accounts"], instruments=symbols,
                        balances=set(), positions=seen["positions"], marks=seen["marks"],
                        trades=seen["trades"], margin_states=seen["margin_states"])
-        tables = {x.name: x for x in t.LEDGER_TABLES}
-        with self.engine.connect() as conn:
-            stored = load_state(conn, tables, keys)
-            if seen["risk_changes"]:
-                for row in conn.execute(select(t.risk_parameter_changes).where(
-                        t.risk_parameter_changes.c.position.in_(seen["risk_changes"]))):
-                    stored.risk_changes[row.position] = change_from_row(row)
-            if new:
-                statement = t.statement
-                for row in conn.execute(select(statement).where(
-                        statement.c.position > new[0].position - 1,
-                        statement.c.position <= new[-1].position)):
-                    stored.statement.append(StatementLine(
-                        row.position, row.account_id, row.asset, row.effective_at, row.type,
-                        row.reference, row.amount, row.balance))
+        stored = load_state(conn, _TABLES, keys)
+        if seen["risk_changes"]:
+            for row in conn.execute(_RISK_CHANGES_AT,
+                                    {"positions": list(seen["risk_changes"])}):
+                stored.risk_changes[row.position] = change_from_row(row)
+        if new:
+            for row in conn.execute(_STATEMENT_LINES, {"first": new[0].position,
+                                                       "last": new[-1].position}):
+                stored.statement.append(StatementLine(
+                    row.position, row.account_id, row.asset, row.effective_at, row.type,
+                    row.reference, row.amount, row.balance))
+        conn.rollback()
         folded = LedgerState(statement=lines)
         for name in ("accounts", "instruments", "positions", "marks", "trades",
                      "risk_changes", "margin_states", "settlements"):
@@ -235,13 +247,14 @@ class Checker:
                 if dict.__contains__(mine, key):
                     target[key] = dict.__getitem__(mine, key)
         self._raise_differences("rows touched by the step", differences(stored, folded))
+        return seen
 
-    def _compare_balances(self) -> None:
+    def _compare_balances(self, conn: Connection) -> None:
         """Every stored balance against the fold, and their sum per asset."""
         totals: dict[str, Decimal] = defaultdict(Decimal)
         stored = {}
         for account_id, asset, balance in self._rows(
-                "SELECT account_id, asset, balance FROM balances"):
+                conn, "SELECT account_id, asset, balance FROM balances"):
             stored[(account_id, asset)] = amount = Decimal(balance)
             totals[asset] += amount
         bad = {a: v for a, v in sorted(totals.items()) if v != 0}
@@ -255,38 +268,74 @@ class Checker:
                 for a, s in sorted(set(stored) | set(mine))
                 if stored.get((a, s)) != mine.get((a, s))])
 
-    def _check_open_interest(self) -> None:
+    def _check_open_interest(self, keys: set[tuple[str, str]]) -> None:
         """Every instrument's positions net to zero, in the fold (whose rows touched by the
         step were just compared with the stored ones; the rest are compared in full by
-        `full_check`)."""
-        totals: dict[str, Decimal] = defaultdict(Decimal)
-        for (_, symbol), position in self.state.positions.items():
-            totals[symbol] += position.quantity
-        bad = {s: v for s, v in sorted(totals.items()) if v != 0}
+        `full_check`). Only the positions in `keys` can have moved (the fold records every
+        key `evolve` writes), so the totals and holders are moved by exactly those."""
+        positions = self.state.positions
+        for key in keys:
+            if not dict.__contains__(positions, key):
+                continue
+            quantity = dict.__getitem__(positions, key).quantity
+            account_id, symbol = key
+            self.open_interest[symbol] += quantity - self.quantities.get(key, Decimal(0))
+            self.quantities[key] = quantity
+            holders = self.holders[symbol]
+            if quantity:
+                holders.add(account_id)
+            else:
+                holders.discard(account_id)
+        bad = {s: v for s in sorted({symbol for _, symbol in keys})
+               if (v := self.open_interest[s]) != 0}
         if bad:
             raise InvariantBroken(f"positions do not net to zero: {bad} (SPEC invariant 4)")
 
-    def _check_house_rules(self) -> None:
+    def _check_house_rules(self, positions: set[tuple[str, str]], symbols: set[str]) -> None:
         """Two rules of SPEC sections 4 and 5 that hold after any step: settled positions
-        are closed, and the insurance fund never goes below zero."""
+        are closed, and the insurance fund never goes below zero. Only a position or a
+        settlement the step touched (`positions`, `symbols`) can break the first."""
+        settlements = self.state.settlements
+        for symbol in symbols | {symbol for _, symbol in positions}:
+            holders = self.holders.get(symbol)
+            if holders and dict.__contains__(settlements, symbol):
+                account_id = min(holders)
+                quantity = self.quantities[(account_id, symbol)]
+                raise InvariantBroken(f"{account_id} holds {quantity} {symbol}, which "
+                                      "has settled (SPEC section 4: settled positions close)")
+        self._check_insurance_fund()
+
+    def _check_all_positions(self) -> None:
+        """Both position rules over every position of the fold, and the running totals
+        `_check_open_interest` keeps against a fresh count (at every full check)."""
+        totals: dict[str, Decimal] = defaultdict(Decimal)
         for (account_id, symbol), position in self.state.positions.items():
+            totals[symbol] += position.quantity
             if position.quantity != 0 and dict.__contains__(self.state.settlements, symbol):
                 raise InvariantBroken(f"{account_id} holds {position.quantity} {symbol}, which "
                                       "has settled (SPEC section 4: settled positions close)")
+        bad = {s: v for s, v in sorted(totals.items()) if v != 0}
+        if bad:
+            raise InvariantBroken(f"positions do not net to zero: {bad} (SPEC invariant 4)")
+        kept = {s: v for s, v in self.open_interest.items() if v != 0}
+        if kept:
+            raise InvariantBroken(f"the checker's running open interest is off: {kept}")
+
+    def _check_insurance_fund(self) -> None:
         fund = dict.get(self.state.balances, ("ccp:insurance", "USDC"), Decimal(0))
         if fund < 0:
             raise InvariantBroken(f"the insurance fund is at {fund} USDC (SPEC section 5: "
                                   "it covers deficits as far as its balance goes)")
 
-    def _rows(self, sql: str) -> list[tuple[Any, ...]]:
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor()
-            try:
-                cur.execute(sql)
-                rows = cur.fetchall()
-            finally:
-                cur.close()
-            conn.rollback()
+    @staticmethod
+    def _rows(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.execute(sql)
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        conn.rollback()
         return rows
 
     @staticmethod
@@ -317,5 +366,6 @@ class Checker:
         if stored_events != self.events:
             raise InvariantBroken(f"the log holds {stored_events} events; the checker read "
                                   f"{self.events}")
+        self._check_all_positions()
         for name in MODELS:
             getattr(self.state, name).take()

@@ -240,6 +240,14 @@ def simulation_url(url: str) -> str:
     return parsed.set(query=query).render_as_string(hide_password=False)
 
 
+def simulation_engine(url: str) -> Engine:
+    """The engine a simulation runs on: the product's, without PostgreSQL's pre-ping of
+    every pooled connection. Nothing in a simulation drops a connection (lost connections
+    are tested on their own, in tests/faults); the ping would be a round trip to the server
+    on every one of a step's dozens of connection checkouts."""
+    return create_engine_for(url, pre_ping=False)
+
+
 SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 """Where SQLite files and input files go: memory-backed when the machine has it (a real
 database file all the same, not SQLite's `:memory:`)."""
@@ -272,7 +280,7 @@ def run_seed(seed: int, backend: str, steps: int, stop_at: int | None = None,
     if keep:
         db._cleanup = lambda: None  # the schema stays for inspection
     url = simulation_url(db.url)
-    engine = create_engine_for(url)
+    engine = simulation_engine(url)
     simulation = Simulation(seed, backend, url, engine, workdir, verify_every)
     result = SeedResult(seed, backend, 0, "")
     try:

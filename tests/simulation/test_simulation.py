@@ -28,7 +28,6 @@ from typer.testing import CliRunner
 
 import clearing.domain.ledger as domain_ledger
 from clearing.cli import app
-from clearing.store.database import create_engine_for
 from tests.conftest import UNDER_CI, make_backend, postgres_problem
 from tests.simulation.__main__ import main
 from tests.simulation.runner import (
@@ -36,6 +35,7 @@ from tests.simulation.runner import (
     Simulation,
     SimulationFailure,
     run_seed,
+    simulation_engine,
     simulation_url,
 )
 from tests.simulation.workload import iso
@@ -120,7 +120,7 @@ def simulated(kind: str, seed: int, steps: int, workdir: Path,
     """Run one seed in-process; its database stays until the block ends."""
     db = make_backend(kind, workdir)
     url = simulation_url(db.url)
-    engine = create_engine_for(url)
+    engine = simulation_engine(url)
     try:
         simulation = simulation_type(seed, kind, url, engine, workdir)
         simulation.run(steps)
