@@ -70,8 +70,11 @@ class Account:
     margin_model: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Position:
+    """One account's holding of one instrument (a book holds a million: slots keep it
+    small)."""
+
     quantity: Decimal = ZERO
     average_entry_price: Decimal = ZERO
     settlement_basis: Decimal = ZERO

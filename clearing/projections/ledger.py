@@ -7,8 +7,9 @@ the checkpoint. The tables are handed in, so a rebuild runs this same code into 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
+from sys import intern
 from typing import Any
 
 from psycopg.rows import namedtuple_row
@@ -33,6 +34,8 @@ from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
 
 KEY_CHUNK = 2_000
+PLAIN_ROWS_PAGE = 20_000
+"""Rows per fetch when a whole table is read through a server-side cursor."""
 Tables = Mapping[str, Table]
 
 
@@ -86,6 +89,20 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
     with db.cursor(row_factory=namedtuple_row) as cur:
         cur.execute(sql, params)
         return cur.fetchall()
+
+
+def _plain_rows(conn: Connection, table: Table, columns: list[str]) -> Iterator[tuple[Any, ...]]:
+    """Every row of `table` as plain tuples of `columns`, values as the domain holds them. On
+    PostgreSQL straight from the driver through a server-side cursor: a million rows without
+    a result layer's per-value processing, and never all of them in memory at once."""
+    if conn.dialect.name != "postgresql":
+        yield from conn.execute(select(*(table.c[c] for c in columns))).tuples()
+        return
+    listed = ", ".join(f'"{c}"' for c in columns)
+    with conn.connection.driver_connection.cursor(name=f"all_{table.name}") as cur:
+        cur.itersize = PLAIN_ROWS_PAGE
+        cur.execute(f"SELECT {listed} FROM {_quoted(table.name)}")
+        yield from cur
 
 
 def _quoted(name: str) -> str:
@@ -286,16 +303,26 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
 
 def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True,
                     with_trades: bool = True) -> LedgerState:
-    """Every stored row, as a state (for comparing with a replay)."""
+    """Every stored row, as a state (for comparing with a replay, or the whole book a job
+    decides from). Account ids and symbols are interned: a book repeats each of them in
+    many keys, and one string apiece keeps a million positions' keys small."""
     state = LedgerState()
     for row in conn.execute(select(tables["accounts"])):
-        state.accounts[row.account_id] = Account(row.account_id, row.owner, row.margin_model)
+        account_id = intern(row.account_id)
+        state.accounts[account_id] = Account(account_id, row.owner, row.margin_model)
     for row in conn.execute(select(tables["instruments"])):
-        state.instruments[row.symbol] = instrument_from_row(row)
-    for row in conn.execute(select(tables["balances"])):
-        state.balances[(row.account_id, row.asset)] = row.balance
-    for row in conn.execute(select(tables["positions"])):
-        state.positions[(row.account_id, row.instrument)] = position_from_row(row)
+        state.instruments[intern(row.symbol)] = instrument_from_row(row)
+    balances = state.balances
+    for account_id, asset, balance in _plain_rows(conn, tables["balances"],
+                                                  ["account_id", "asset", "balance"]):
+        balances[(intern(account_id), intern(asset))] = balance
+    positions = state.positions
+    for account_id, symbol, quantity, entry, basis, realised in _plain_rows(
+            conn, tables["positions"], ["account_id", "instrument", "quantity",
+                                        "average_entry_price", "settlement_basis",
+                                        "realised_pnl"]):
+        positions[(intern(account_id), intern(symbol))] = Position(quantity, entry, basis,
+                                                                   realised)
     for row in conn.execute(select(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     if with_trades:
