@@ -86,6 +86,7 @@ class _Work:
         self.state.balances = dict(state.balances)
         self.state.positions = dict(state.positions)
         self.state.statement = []
+        self.state.keeps_statement = False
         self.at = at
         self.market = market_at(state, at)
         self.params = params_at(state, at)

@@ -249,6 +249,8 @@ def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
             state = carried.state
         else:
             state = decision_state(ledger, at, already)
+        if carried is not None:
+            state.keeps_statement = False  # moved forward below, its statement unread
         facts = decide(state, at, batch_id)
         for fact in facts:
             _check_fact(fact, batch_id, at)
