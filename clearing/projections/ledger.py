@@ -7,13 +7,13 @@ the checkpoint. The tables are handed in, so a rebuild runs this same code into 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from sys import intern
 from typing import Any
 
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Table, select, tuple_
+from sqlalchemy import Connection, Table, Text, cast, select, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from clearing.domain.events import TradeLeg
@@ -91,18 +91,28 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
         return cur.fetchall()
 
 
-def _plain_rows(conn: Connection, table: Table, columns: list[str]) -> Iterator[tuple[Any, ...]]:
-    """Every row of `table` as plain tuples of `columns`, values as the domain holds them. On
-    PostgreSQL straight from the driver through a server-side cursor: a million rows without
-    a result layer's per-value processing, and never all of them in memory at once."""
+def _plain_rows(conn: Connection, table: Table, columns: list[str],
+                as_text: Collection[str] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every row of `table` as plain tuples of `columns`, values as the domain holds them
+    (those named in `as_text` as their exact text instead). On PostgreSQL straight from the
+    driver through a server-side cursor: a million rows without a result layer's per-value
+    processing, and never all of them in memory at once."""
     if conn.dialect.name != "postgresql":
-        yield from conn.execute(select(*(table.c[c] for c in columns))).tuples()
+        selected = [cast(table.c[c], Text) if c in as_text else table.c[c] for c in columns]
+        yield from conn.execute(select(*selected)).tuples()
         return
-    listed = ", ".join(f'"{c}"' for c in columns)
+    listed = ", ".join(f'"{c}"::text' if c in as_text else f'"{c}"' for c in columns)
     with conn.connection.driver_connection.cursor(name=f"all_{table.name}") as cur:
         cur.itersize = PLAIN_ROWS_PAGE
         cur.execute(f"SELECT {listed} FROM {_quoted(table.name)}")
         yield from cur
+
+
+def _shared(shared: dict[str, Decimal], text: str) -> Decimal:
+    value = shared.get(text)
+    if value is None:
+        value = shared[text] = Decimal(text)
+    return value
 
 
 def _quoted(name: str) -> str:
@@ -317,12 +327,18 @@ def load_full_state(conn: Connection, tables: Tables, with_statement: bool = Tru
                                                   ["account_id", "asset", "balance"]):
         balances[(intern(account_id), intern(asset))] = balance
     positions = state.positions
+    # Quantities, entry prices and realised P&L repeat across a book's positions: read as
+    # their exact text, each distinct figure becomes one Decimal shared by every position
+    # holding it (Decimals are immutable; the text keeps 1.5 and 1.50 apart).
+    shared: dict[str, Decimal] = {}
     for account_id, symbol, quantity, entry, basis, realised in _plain_rows(
             conn, tables["positions"], ["account_id", "instrument", "quantity",
                                         "average_entry_price", "settlement_basis",
-                                        "realised_pnl"]):
-        positions[(intern(account_id), intern(symbol))] = Position(quantity, entry, basis,
-                                                                   realised)
+                                        "realised_pnl"],
+            as_text={"quantity", "average_entry_price", "realised_pnl"}):
+        positions[(intern(account_id), intern(symbol))] = Position(
+            _shared(shared, quantity), _shared(shared, entry), basis,
+            _shared(shared, realised))
     for row in conn.execute(select(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     if with_trades:
