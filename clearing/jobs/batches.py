@@ -255,8 +255,11 @@ def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
         for fact in facts:
             _check_fact(fact, batch_id, at)
         written = 0
-        for start in range(0, len(facts), size):
-            chunk = facts[start:start + size]
+        number = 0
+        while facts:
+            # What is recorded is let go: a batch's facts can be as large as the book.
+            chunk = facts[:size]
+            del facts[:size]
             result = ledger.record(chunk, [{"batch_id": batch_id}] * len(chunk))
             written += result.written
             if carried is not None:
@@ -266,7 +269,8 @@ def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
                 carried.moved_by([fact.event for fact in chunk])
             _pause_after_chunk()
             if after_chunk is not None:
-                after_chunk(start // size)
+                after_chunk(number)
+            number += 1
         if carried is not None:
             if already:
                 carried.reset()
