@@ -70,8 +70,11 @@ class Account:
     margin_model: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Position:
+    """One account's holding of one instrument (a book holds a million: slots keep it
+    small)."""
+
     quantity: Decimal = ZERO
     average_entry_price: Decimal = ZERO
     settlement_basis: Decimal = ZERO
@@ -140,6 +143,10 @@ class LedgerState:  # noqa: D101 - documented below
     margin_states: dict[str, MarginState] = field(default_factory=dict)
     settlements: dict[str, Decimal] = field(default_factory=dict)
     """Settlement price of every instrument that has expired and settled."""
+    keeps_statement: bool = True
+    """False for a working state that needs balances but not their history (a job's state
+    carried from batch to batch, liquidation's working copy): `post` then writes no
+    statement lines."""
 
 
 @dataclass
@@ -200,11 +207,17 @@ def reference_of(event: Event) -> str:
 
 def post(state: LedgerState, fact: Fact, event: MoneyMovement) -> None:
     """Apply postings to balances and write one statement line per posting."""
+    balances = state.balances
+    if not state.keeps_statement:
+        for p in event.postings:
+            key = (p.account_id, p.asset)
+            balances[key] = balances.get(key, ZERO) + p.amount
+        return
     reference = reference_of(event)
     for p in event.postings:
         key = (p.account_id, p.asset)
-        balance = state.balances.get(key, ZERO) + p.amount
-        state.balances[key] = balance
+        balance = balances.get(key, ZERO) + p.amount
+        balances[key] = balance
         state.statement.append(
             StatementLine(fact.position, p.account_id, p.asset, fact.effective_at,
                           event.type_name, reference, p.amount, balance)

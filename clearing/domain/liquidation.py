@@ -53,7 +53,7 @@ from clearing.domain.margin import (
     position_price,
     standard_requirement,
 )
-from clearing.domain.margin_sweep import all_margins, market_at, params_at
+from clearing.domain.margin_sweep import MarginMemo, all_margins, market_at, params_at
 from clearing.domain.money import (
     PRICE_SCALE,
     QUANTITY_SCALE,
@@ -86,6 +86,7 @@ class _Work:
         self.state.balances = dict(state.balances)
         self.state.positions = dict(state.positions)
         self.state.statement = []
+        self.state.keeps_statement = False
         self.at = at
         self.market = market_at(state, at)
         self.params = params_at(state, at)
@@ -142,7 +143,10 @@ def _transfer_cash(held: HeldPosition, price: Decimal) -> Decimal:
     return held.quantity * price * m
 
 
-def decide_liquidations(state: LedgerState, at: datetime, batch_id: str) -> list[NewFact]:
+def decide_liquidations(state: LedgerState, at: datetime, batch_id: str,
+                        memo: MarginMemo | None = None) -> list[NewFact]:
+    """The liquidate job (`memo`: see `all_margins`; it learns the margins of `state`, not
+    of the working copy the decisions move)."""
     work = _Work(state, at)
     params = work.params
     market = work.market
@@ -152,7 +156,7 @@ def decide_liquidations(state: LedgerState, at: datetime, batch_id: str) -> list
         work.apply(event)
         batch.add(event, subject, stream=account_stream(account_id))
 
-    below = [a for a, m in all_margins(state, at).items()
+    below = [a for a, m in all_margins(state, at, memo).items()
              if m.status in (LIQUIDATING, BANKRUPT) or m.equity < m.maintenance]
     for account_id in below:
         margin = work.margin(account_id)

@@ -8,6 +8,7 @@ batch and the account, so a rerun after a crash writes only what is missing.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -50,10 +51,12 @@ class Book:
     positions: list[HeldPosition]
 
 
-def books(state: LedgerState) -> dict[str, Book]:
-    """Every member account's book (house accounts are not margined)."""
+def books(state: LedgerState, only: set[str] | None = None) -> dict[str, Book]:
+    """Every member account's book (house accounts are not margined), or only those of the
+    accounts in `only`."""
     result: dict[str, Book] = {
-        a: Book({}, []) for a in state.accounts if not is_house(a)
+        a: Book({}, []) for a in (state.accounts if only is None else only)
+        if not is_house(a) and a in state.accounts
     }
     for (account_id, asset), balance in state.balances.items():
         if account_id in result:
@@ -87,19 +90,67 @@ def margin_of(state: LedgerState, account_id: str, at: datetime,
                           params_at(state, at))
 
 
-def all_margins(state: LedgerState, at: datetime) -> dict[str, AccountMargin]:
-    """Every member account's margin at `at`, the portfolio model batched across accounts."""
-    every = sorted(books(state).items())
+def all_margins(state: LedgerState, at: datetime,
+                memo: MarginMemo | None = None) -> dict[str, AccountMargin]:
+    """Every member account's margin at `at`, the portfolio model batched across accounts.
+
+    With a `memo`, the margins it holds for this state and moment are reused and only the
+    accounts it does not hold are computed (then remembered)."""
+    market = market_at(state, at)
+    params = params_at(state, at)
+    known = memo.usable(state, at, market, params) if memo is not None else {}
+    wanted = None if not known else {a for a in state.accounts
+                                     if not is_house(a) and a not in known}
+    every = sorted(books(state, wanted).items())
     margins = account_margins_many(
         [state.accounts[a].margin_model for a, _ in every], [b.balances for _, b in every],
-        [b.positions for _, b in every], market_at(state, at), params_at(state, at))
-    return {a: m for (a, _), m in zip(every, margins, strict=True)}
+        [b.positions for _, b in every], market, params)
+    computed = {a: m for (a, _), m in zip(every, margins, strict=True)}
+    if memo is not None:
+        memo.margins.update(computed)
+    if not known:
+        return computed
+    return {a: known.get(a) or computed[a] for a in sorted(known.keys() | computed.keys())}
 
 
-def sweep(state: LedgerState, at: datetime, batch_id: str) -> list[NewFact]:
-    """The margin job: transitions of every account whose state changed since last recorded."""
+class MarginMemo:
+    """Margins computed from one state at one moment, kept so that the next job of the same
+    run (`margin` after `liquidate`) computes only the accounts whose books changed since.
+
+    The caller that moves the state forward says which accounts a fact changed (`forget`);
+    the market and the risk parameters are compared on every use, so a new mark or
+    parameter change (or another state, or moment) starts afresh."""
+
+    def __init__(self) -> None:
+        self.margins: dict[str, AccountMargin] = {}
+        self._state: LedgerState | None = None
+        self._key: tuple[datetime, Market, RiskParameters] | None = None
+
+    def usable(self, state: LedgerState, at: datetime, market: Market,
+               params: RiskParameters) -> dict[str, AccountMargin]:
+        """The remembered margins valid for `state` at `at` (after this call, the memo is
+        bound to them: what it learns next is for this state and moment)."""
+        key = (at, market, params)
+        if self._state is not state or self._key != key:
+            self.margins = {}
+            self._state, self._key = state, key
+        return self.margins
+
+    def forget(self, accounts: Iterable[str]) -> None:
+        for account_id in accounts:
+            self.margins.pop(account_id, None)
+
+    def clear(self) -> None:
+        self.margins = {}
+        self._state = self._key = None
+
+
+def sweep(state: LedgerState, at: datetime, batch_id: str,
+          memo: MarginMemo | None = None) -> list[NewFact]:
+    """The margin job: transitions of every account whose state changed since last recorded
+    (`memo`: see `all_margins`)."""
     facts: list[NewFact] = []
-    for account_id, margin in all_margins(state, at).items():
+    for account_id, margin in all_margins(state, at, memo).items():
         recorded = state.margin_states.get(account_id)
         previous = recorded.status if recorded is not None else HEALTHY
         if margin.status == previous:

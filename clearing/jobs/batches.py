@@ -34,7 +34,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -45,7 +45,8 @@ from clearing.domain.clock import storage_time
 from clearing.domain.commands import NewFact
 from clearing.domain.events import BatchCompleted
 from clearing.domain.event import Event
-from clearing.domain.ledger import LedgerState, evolve
+from clearing.domain.ledger import LedgerState, evolve, touched
+from clearing.domain.margin_sweep import MarginMemo
 from clearing.store.eventstore import LogPosition
 from clearing.store.tables import events
 
@@ -73,9 +74,23 @@ class JobRun:
 
 @dataclass
 class CarriedState:
-    """The ledger's state carried from one batch of a run to the next (see `run_batch`)."""
+    """The ledger's state carried from one batch of a run to the next (see `run_batch`), and
+    the margins computed from it that are still valid (see `MarginMemo`)."""
 
     state: LedgerState | None = None
+    margins: MarginMemo = field(default_factory=MarginMemo)
+
+    def reset(self) -> None:
+        self.state = None
+        self.margins.clear()
+
+    def moved_by(self, recorded: list[Event]) -> None:
+        """Forget the margins of the accounts whose balances or positions these facts moved
+        (new marks and risk parameters are caught by `MarginMemo` itself)."""
+        keys = touched(recorded)
+        self.margins.forget(keys.accounts)
+        self.margins.forget(a for a, _ in keys.balances)
+        self.margins.forget(a for a, _ in keys.positions)
 
 
 @dataclass(frozen=True)
@@ -227,7 +242,7 @@ def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
     with job_lock(ledger, job):
         if is_completed(ledger, batch_id):
             if carried is not None:
-                carried.state = None  # another runner moved the ledger: load it afresh
+                carried.reset()  # another runner moved the ledger: load it afresh
             return JobRun(job, batch_id, at, 0, True)
         already = written_so_far(ledger, batch_id, at)
         if carried is not None and carried.state is not None and not already:
@@ -235,23 +250,33 @@ def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
             state = carried.state
         else:
             state = decision_state(ledger, at, already)
+        if carried is not None:
+            state.keeps_statement = False  # moved forward below, its statement unread
         facts = decide(state, at, batch_id)
         for fact in facts:
             _check_fact(fact, batch_id, at)
         written = 0
-        for start in range(0, len(facts), size):
-            chunk = facts[start:start + size]
+        number = 0
+        while facts:
+            # What is recorded is let go: a batch's facts can be as large as the book.
+            chunk = facts[:size]
+            del facts[:size]
             result = ledger.record(chunk, [{"batch_id": batch_id}] * len(chunk))
             written += result.written
             if carried is not None:
                 for fact, position in zip(chunk, result.positions, strict=True):
                     evolve(state, _Recorded(position, at, fact.event))
                 state.statement.clear()
+                carried.moved_by([fact.event for fact in chunk])
             _pause_after_chunk()
             if after_chunk is not None:
-                after_chunk(start // size)
+                after_chunk(number)
+            number += 1
         if carried is not None:
-            carried.state = None if already else state
+            if already:
+                carried.reset()
+            else:
+                carried.state = state
         total = len(already) + written
         closing = NewFact(completion_stream(job),
                           BatchCompleted(job=job, batch_id=batch_id, at=at, events=total),

@@ -36,28 +36,37 @@ def index_history(ledger: Ledger, until: datetime) -> dict[str, list[tuple[datet
     return history
 
 
-def _risk(ledger: Ledger, at: datetime) -> JobFunction:
+JobFactory = Callable[[Ledger, datetime, CarriedState], JobFunction]
+"""What a job decides with, given the ledger, the batch's time and what the run carries."""
+
+
+def _risk(ledger: Ledger, at: datetime, carried: CarriedState) -> JobFunction:
     history = index_history(ledger, at)
     return lambda state, when, batch_id: decide_dynamic_ranges(state, when, batch_id, history)
 
 
-def _margin(ledger: Ledger, at: datetime) -> JobFunction:
-    return sweep
+def _liquidate(ledger: Ledger, at: datetime, carried: CarriedState) -> JobFunction:
+    return lambda state, when, batch_id: decide_liquidations(state, when, batch_id,
+                                                             carried.margins)
 
 
-def _settle(ledger: Ledger, at: datetime) -> JobFunction:
+def _margin(ledger: Ledger, at: datetime, carried: CarriedState) -> JobFunction:
+    return lambda state, when, batch_id: sweep(state, when, batch_id, carried.margins)
+
+
+def _settle(ledger: Ledger, at: datetime, carried: CarriedState) -> JobFunction:
     history = index_history(ledger, at)
     return lambda state, when, batch_id: decide_settlements(state, when, batch_id, history)
 
 
-JOBS: dict[str, Callable[[Ledger, datetime], JobFunction]] = {
+JOBS: dict[str, JobFactory] = {
     "settle": _settle,
-    "mtm": lambda ledger, at: decide_mark_to_market,
-    "funding": lambda ledger, at: decide_funding,
+    "mtm": lambda ledger, at, carried: decide_mark_to_market,
+    "funding": lambda ledger, at, carried: decide_funding,
     "risk": _risk,
-    "liquidate": lambda ledger, at: decide_liquidations,
+    "liquidate": _liquidate,
     "margin": _margin,
-    "stress": lambda ledger, at: decide_stress_record,
+    "stress": lambda ledger, at, carried: decide_stress_record,
 }
 EOD_ORDER: tuple[str, ...] = ("settle", "mtm", "funding", "risk", "liquidate", "margin")
 """`eod` runs these in this order: expired instruments settle first, the rest is marked to
@@ -84,14 +93,16 @@ def run_job(ledger: Ledger, job: str, at: datetime) -> list[JobRun]:
 
 def run_jobs(ledger: Ledger, names: Sequence[str], at: datetime) -> list[JobRun]:
     """Run jobs one after another as of `at`, each a batch of its own; the book is loaded
-    once and carried from batch to batch."""
+    once and carried from batch to batch, and so are the account margins `liquidate`
+    computes: `margin` recomputes only the accounts whose books changed since."""
     carried = CarriedState()
     runs = []
     with _collector_paused():
         for name in names:
             if name not in JOBS:
                 raise UnknownJob(name)
-            runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at), carried=carried))
+            runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at, carried),
+                                  carried=carried))
     return runs
 
 

@@ -7,14 +7,26 @@ the checkpoint. The tables are handed in, so a rebuild runs this same code into 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
+from functools import lru_cache
+from sys import intern
 from typing import Any, NamedTuple
 
 from psycopg import sql as pg_sql
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Select, Table, TextClause, bindparam, select, text, tuple_
+from sqlalchemy import (
+    Connection,
+    Select,
+    Table,
+    Text,
+    TextClause,
+    bindparam,
+    cast,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -39,6 +51,8 @@ KEY_CHUNK = 2_000
 COPY_ROWS_MIN = 50
 """Rows from which PostgreSQL upserts go through COPY and a scratch table (see
 `_upsert_postgresql`)."""
+PLAIN_ROWS_PAGE = 20_000
+"""Rows per fetch when a whole table is read through a server-side cursor."""
 Tables = Mapping[str, Table]
 
 
@@ -116,6 +130,33 @@ def _pg_select_by_keys(table: str, columns: tuple[str, ...]) -> str:
                 pg_sql.SQL("t.{} = k.{}").format(pg_sql.Identifier(c), key)
                 for c, key in zip(columns, keys_as, strict=True)))
     return statement.as_string(None)
+
+
+def _plain_rows(conn: Connection, table: Table, columns: list[str],
+                as_text: Collection[str] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every row of `table` as plain tuples of `columns`, values as the domain holds them
+    (those named in `as_text` as their exact text instead). On PostgreSQL straight from the
+    driver through a server-side cursor: a million rows without a result layer's per-value
+    processing, and never all of them in memory at once."""
+    if conn.dialect.name != "postgresql":
+        selected = [cast(table.c[c], Text) if c in as_text else table.c[c] for c in columns]
+        yield from conn.execute(select(*selected)).tuples()
+        return
+    listed = pg_sql.SQL(", ").join(
+        pg_sql.SQL("{}::text").format(pg_sql.Identifier(c)) if c in as_text
+        else pg_sql.Identifier(c) for c in columns)
+    statement = pg_sql.SQL("SELECT {} FROM {}").format(listed, pg_sql.Identifier(table.name))
+    with conn.connection.driver_connection.cursor(name=f"all_{table.name}") as cur:
+        cur.itersize = PLAIN_ROWS_PAGE
+        cur.execute(statement)
+        yield from cur
+
+
+def _shared(shared: dict[str, Decimal], text: str) -> Decimal:
+    value = shared.get(text)
+    if value is None:
+        value = shared[text] = Decimal(text)
+    return value
 
 
 def instrument_from_row(row: Any) -> Instrument:
@@ -378,16 +419,32 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
 
 def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True,
                     with_trades: bool = True) -> LedgerState:
-    """Every stored row, as a state (for comparing with a replay)."""
+    """Every stored row, as a state (for comparing with a replay, or the whole book a job
+    decides from). Account ids and symbols are interned: a book repeats each of them in
+    many keys, and one string apiece keeps a million positions' keys small."""
     state = LedgerState()
     for row in conn.execute(_select_all(tables["accounts"])):
-        state.accounts[row.account_id] = Account(row.account_id, row.owner, row.margin_model)
+        account_id = intern(row.account_id)
+        state.accounts[account_id] = Account(account_id, row.owner, row.margin_model)
     for row in conn.execute(_select_all(tables["instruments"])):
-        state.instruments[row.symbol] = instrument_from_row(row)
-    for row in conn.execute(_select_all(tables["balances"])):
-        state.balances[(row.account_id, row.asset)] = row.balance
-    for row in conn.execute(_select_all(tables["positions"])):
-        state.positions[(row.account_id, row.instrument)] = position_from_row(row)
+        state.instruments[intern(row.symbol)] = instrument_from_row(row)
+    balances = state.balances
+    for account_id, asset, balance in _plain_rows(conn, tables["balances"],
+                                                  ["account_id", "asset", "balance"]):
+        balances[(intern(account_id), intern(asset))] = balance
+    positions = state.positions
+    # Quantities, entry prices and realised P&L repeat across a book's positions: read as
+    # their exact text, each distinct figure becomes one Decimal shared by every position
+    # holding it (Decimals are immutable; the text keeps 1.5 and 1.50 apart).
+    shared: dict[str, Decimal] = {}
+    for account_id, symbol, quantity, entry, basis, realised in _plain_rows(
+            conn, tables["positions"], ["account_id", "instrument", "quantity",
+                                        "average_entry_price", "settlement_basis",
+                                        "realised_pnl"],
+            as_text={"quantity", "average_entry_price", "realised_pnl"}):
+        positions[(intern(account_id), intern(symbol))] = Position(
+            _shared(shared, quantity), _shared(shared, entry), basis,
+            _shared(shared, realised))
     for row in conn.execute(_select_all(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     if with_trades:
