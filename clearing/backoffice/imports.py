@@ -231,7 +231,48 @@ def parse_collateral(row: CsvRow) -> MoveCollateral:
                           _amount(row, asset), _time(row))
 
 
-def parse_leg(row: CsvRow) -> tuple[str, datetime, TradeLeg]:
+class AcceptedValues:
+    """Cell texts a file has already shown to be valid, with what they parsed to. A trades
+    file repeats the same accounts, prices, fees and times on row after row; a text that
+    parsed once parses the same again, so only its first occurrence pays for the checks.
+    Only accepted texts are kept: a bad one is judged (and reported) by the full checks."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, str] = {}
+        self.decimals: dict[tuple[str, str], Decimal] = {}
+        """By (field, text): the field decides the scale and the sign allowed."""
+        self.times: dict[str, datetime] = {}
+
+
+def _cached_account_id(row: CsvRow, field: str, accepted: AcceptedValues) -> str:
+    text = row.values[field]
+    value = accepted.accounts.get(text)
+    if value is None:
+        value = accepted.accounts[text] = _account_id(row, field)
+    return value
+
+
+def _cached_decimal(row: CsvRow, field: str, scale: int, accepted: AcceptedValues, *,
+                    positive: bool = False, non_negative: bool = False) -> Decimal:
+    key = (field, row.values[field])
+    value = accepted.decimals.get(key)
+    if value is None:
+        value = accepted.decimals[key] = _decimal(row, field, scale, positive=positive,
+                                                  non_negative=non_negative)
+    return value
+
+
+def _cached_time(row: CsvRow, accepted: AcceptedValues) -> datetime:
+    text = row.values["time"]
+    value = accepted.times.get(text)
+    if value is None:
+        value = accepted.times[text] = _time(row)
+    return value
+
+
+def parse_leg(row: CsvRow, accepted: AcceptedValues | None = None
+              ) -> tuple[str, datetime, TradeLeg]:
+    accepted = accepted or AcceptedValues()
     trade_id = _text(row, "trade_id")
     leg_text = _text(row, "leg")
     if not leg_text.isdigit() or not 1 <= int(leg_text) <= LEGS_MAX:
@@ -239,14 +280,14 @@ def parse_leg(row: CsvRow) -> tuple[str, datetime, TradeLeg]:
     leg = TradeLeg(
         leg=int(leg_text),
         instrument=_text(row, "instrument"),
-        buyer=_account_id(row, "buyer"),
-        seller=_account_id(row, "seller"),
-        quantity=_decimal(row, "quantity", QUANTITY_SCALE, positive=True),
-        price=_decimal(row, "price", PRICE_SCALE, positive=True),
-        buyer_fee=_decimal(row, "buyer_fee", 8, non_negative=True),
-        seller_fee=_decimal(row, "seller_fee", 8, non_negative=True),
+        buyer=_cached_account_id(row, "buyer", accepted),
+        seller=_cached_account_id(row, "seller", accepted),
+        quantity=_cached_decimal(row, "quantity", QUANTITY_SCALE, accepted, positive=True),
+        price=_cached_decimal(row, "price", PRICE_SCALE, accepted, positive=True),
+        buyer_fee=_cached_decimal(row, "buyer_fee", 8, accepted, non_negative=True),
+        seller_fee=_cached_decimal(row, "seller_fee", 8, accepted, non_negative=True),
     )
-    return trade_id, _time(row), leg
+    return trade_id, _cached_time(row, accepted), leg
 
 
 def parse_mark(row: CsvRow) -> PublishMark:
@@ -375,8 +416,9 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
     settled = view.settled_instruments()
     trades: dict[str, list[tuple[int, datetime, TradeLeg]]] = {}
     unparsed: set[str] = set()
+    accepted = AcceptedValues()
     for row in rows:
-        parsed = _guard(problems, row.line, lambda: parse_leg(row))
+        parsed = _guard(problems, row.line, lambda: parse_leg(row, accepted))
         if parsed is None:
             # Its other legs are not judged: their numbers would report this row's problem
             # again as a confusing second one ("has legs 2; expected 1..1").
