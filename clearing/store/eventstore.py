@@ -512,8 +512,20 @@ class EventStore:
         return list(range(last + 1, last + 1 + count))
 
     def _save_heads(self, db: Any, heads: dict[str, tuple[int, str]]) -> None:
+        if self.is_postgresql:
+            # One statement over arrays, not one per stream: a trades file moves a stream
+            # head per trade.
+            with db.cursor() as cur:
+                cur.execute(
+                    "INSERT INTO streams (stream_id, version, last_hash) "
+                    "SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[]) "
+                    "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+                    "last_hash = excluded.last_hash",
+                    (list(heads), [v for v, _ in heads.values()],
+                     [h for _, h in heads.values()]))
+            return
         rows = [(s, v, h) for s, (v, h) in heads.items()]
-        mark = "%s" if self.is_postgresql else "?"
+        mark = "?"
         sql = (f"INSERT INTO streams (stream_id, version, last_hash) VALUES ({mark}, {mark}, "
                f"{mark}) ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
                "last_hash = excluded.last_hash")
