@@ -148,9 +148,13 @@ def usd_cents(amount: Decimal) -> Decimal:
     return amount.quantize(Decimal("0.01"), rounding=ROUND_FLOOR)
 
 
+_INFORMATIONAL_QUANTA = {scale: Decimal(1).scaleb(-scale) for scale in range(19)}
+
+
 def informational(value: Decimal, scale: int = 10) -> Decimal:
     """A derived figure that is not money (an average entry price): half-even at `scale`."""
-    return value.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_EVEN)
+    quantum = _INFORMATIONAL_QUANTA.get(scale) or Decimal(1).scaleb(-scale)
+    return value.quantize(quantum, rounding=ROUND_HALF_EVEN)
 
 
 def canonical_decimal(value: Decimal) -> str:

@@ -156,7 +156,8 @@ def _load_trades(state: LedgerState, rows: Iterable[Any]) -> None:
         )
 
 
-def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def _upsert(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
+    """Insert or replace rows given as tuples in the table's column order."""
     if not rows:
         return
     if conn.dialect.name == "postgresql":
@@ -169,10 +170,11 @@ def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
         index_elements=keys,
         set_={c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys},
     )
-    conn.execute(statement, rows)
+    columns = [c.name for c in table.columns]
+    conn.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
 
 
-def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def _upsert_postgresql(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
     """COPY into a session-scoped scratch table, then one INSERT ... ON CONFLICT from it."""
     db = conn.connection.driver_connection
     name = _quoted(table.name)
@@ -184,92 +186,125 @@ def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]
     with db.cursor() as cur:
         cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {scratch} "
                     f"(LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-        _copy_rows(cur, scratch, columns, rows)
+        _copy_rows(cur, scratch, table, rows)
         cur.execute(f"INSERT INTO {name} ({column_list}) SELECT {column_list} FROM {scratch} "
                     f"ON CONFLICT ({', '.join(chr(34) + k + chr(34) for k in keys)}) "
                     f"DO UPDATE SET {updates}")
         cur.execute(f"TRUNCATE {scratch}")
 
 
-def _copy_rows(cur: Any, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    with cur.copy(f"COPY {table} ({', '.join(chr(34) + c + chr(34) for c in columns)}) "
-                  "FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row([row[c] for c in columns])
+def _copy_rows(cur: Any, target: str, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
+    """COPY rows (tuples in `table`'s column order) into `target` as one text buffer, with
+    each value as psycopg's own `write_row` would send it (`str` of numbers and times, `t`
+    or `f`, `\\N` for NULL), without a call into the driver per value. Text needing COPY's
+    escapes (a backslash, tab, newline or carriage return) is rare: the buffer is checked
+    as a whole, and escaped value by value only when it holds one."""
+    if not rows:
+        return
+    columns = ", ".join(f'"{c.name}"' for c in table.columns)
+    lines = ["\t".join([_NULL if v is None else _BOOL[v] if v is True or v is False
+                         else str(v) for v in row]) for row in rows]
+    data = "\n".join(lines)
+    tabs = len(rows) * (len(table.columns) - 1)
+    if (data.count("\t") != tabs or data.count("\n") != len(rows) - 1 or "\\" in data
+            or "\r" in data):
+        lines = ["\t".join([_NULL if v is None else _BOOL[v] if v is True or v is False
+                             else _copy_text(v) if isinstance(v, str) else str(v)
+                             for v in row]) for row in rows]
+        data = "\n".join(lines)
+    with cur.copy(f"COPY {target} ({columns}) FROM STDIN") as copy:
+        copy.write(data + "\n")
 
 
-def _primary_key(table: Table) -> list[str]:
-    return [c.name for c in table.primary_key.columns]
+_NULL = "\\N"
+_BOOL = {True: "t", False: "f"}
 
 
-def state_rows(state: LedgerState) -> dict[str, list[dict[str, Any]]]:
-    """The rows each table holds for this state: the one mapping between the two."""
+def _copy_text(value: str) -> str:
+    """A text field as COPY's text format needs it."""
+    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
+
+
+def _primary_key_indexes(table: Table) -> list[int]:
+    names = [c.name for c in table.columns]
+    return [names.index(c.name) for c in table.primary_key.columns]
+
+
+def state_rows(state: LedgerState) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows each table holds for this state, as tuples in the table's column order: the
+    one mapping between the two."""
     return {
         "accounts": [
-            {"account_id": a.account_id, "owner": a.owner, "margin_model": a.margin_model}
-            for a in state.accounts.values()
+            (a.account_id, a.owner, a.margin_model) for a in state.accounts.values()
         ],
         "instruments": [
-            {"symbol": i.symbol, "kind": str(i.kind), "underlying": i.underlying,
-             "settlement_asset": i.settlement_asset, "expiry": i.expiry, "strike": i.strike,
-             "option_type": None if i.option_type is None else str(i.option_type),
-             "multiplier": i.multiplier}
+            (i.symbol, str(i.kind), i.underlying, i.settlement_asset, i.expiry, i.strike,
+             None if i.option_type is None else str(i.option_type), i.multiplier)
             for i in state.instruments.values()
         ],
         "balances": [
-            {"account_id": a, "asset": asset, "balance": balance}
-            for (a, asset), balance in state.balances.items()
+            (a, asset, balance) for (a, asset), balance in state.balances.items()
         ],
         "positions": [
-            {"account_id": a, "instrument": i, "quantity": p.quantity,
-             "average_entry_price": p.average_entry_price,
-             "settlement_basis": p.settlement_basis, "realised_pnl": p.realised_pnl}
+            (a, i, p.quantity, p.average_entry_price, p.settlement_basis, p.realised_pnl)
             for (a, i), p in state.positions.items()
         ],
         "trade_legs": [
-            {"trade_id": trade_id, "leg": leg.leg, "instrument": leg.instrument,
-             "buyer": leg.buyer, "seller": leg.seller, "quantity": leg.quantity,
-             "price": leg.price, "buyer_fee": leg.buyer_fee, "seller_fee": leg.seller_fee,
-             "traded_at": record.traded_at, "busted": record.busted}
+            (trade_id, leg.leg, leg.instrument, leg.buyer, leg.seller, leg.quantity,
+             leg.price, leg.buyer_fee, leg.seller_fee, record.traded_at, record.busted)
             for trade_id, record in state.trades.items()
             for leg in record.legs
         ],
         "marks": [
-            {"symbol": s, "price": m.price, "iv": m.iv, "marked_at": m.marked_at,
-             "position": m.position}
-            for s, m in state.marks.items()
+            (s, m.price, m.iv, m.marked_at, m.position) for s, m in state.marks.items()
         ],
         "risk_parameter_changes": [
-            {"position": c.position, "name": c.name, "underlying": c.underlying,
-             "value": c.value, "effective_at": c.effective_at}
+            (c.position, c.name, c.underlying, c.value, c.effective_at)
             for c in state.risk_changes.values()
         ],
         "margin_states": [
-            {"account_id": a, "status": m.status, "equity": m.equity, "initial": m.initial,
-             "maintenance": m.maintenance, "since": m.since, "position": m.position}
+            (a, m.status, m.equity, m.initial, m.maintenance, m.since, m.position)
             for a, m in state.margin_states.items()
         ],
         "settlements": [
-            {"symbol": symbol, "settlement_price": price}
-            for symbol, price in state.settlements.items()
+            (symbol, price) for symbol, price in state.settlements.items()
         ],
-        "statement": [
-            {"position": line.position, "account_id": line.account_id, "asset": line.asset,
-             "effective_at": line.effective_at, "type": line.type,
-             "reference": line.reference, "amount": line.amount, "balance": line.balance}
-            for line in state.statement
-        ],
+        # A statement line is a named tuple of the statement table's columns, in order.
+        "statement": state.statement,
     }
 
 
+ROW_COLUMNS = {
+    "accounts": ("account_id", "owner", "margin_model"),
+    "instruments": ("symbol", "kind", "underlying", "settlement_asset", "expiry", "strike",
+                    "option_type", "multiplier"),
+    "balances": ("account_id", "asset", "balance"),
+    "positions": ("account_id", "instrument", "quantity", "average_entry_price",
+                  "settlement_basis", "realised_pnl"),
+    "trade_legs": ("trade_id", "leg", "instrument", "buyer", "seller", "quantity", "price",
+                   "buyer_fee", "seller_fee", "traded_at", "busted"),
+    "marks": ("symbol", "price", "iv", "marked_at", "position"),
+    "risk_parameter_changes": ("position", "name", "underlying", "value", "effective_at"),
+    "margin_states": ("account_id", "status", "equity", "initial", "maintenance", "since",
+                      "position"),
+    "settlements": ("symbol", "settlement_price"),
+    "statement": StatementLine._fields,
+}
+"""The order of `state_rows`' tuples; it must be each table's column order (checked below)."""
+for _table in t.LEDGER_TABLES:
+    if tuple(c.name for c in _table.columns) != ROW_COLUMNS[_table.name]:
+        raise RuntimeError(f"state_rows of {_table.name} do not follow its columns")
+
+
 def save_state(conn: Connection, tables: Tables, state: LedgerState,
-               unchanged_from: dict[str, list[dict[str, Any]]] | None = None) -> None:
+               unchanged_from: dict[str, list[tuple[Any, ...]]] | None = None) -> None:
     """Write the state's rows back; rows equal to `unchanged_from` (as loaded) are skipped."""
     rows = state_rows(state)
     statement_rows = rows.pop("statement")
     for name, table_rows in rows.items():
         if unchanged_from is not None and unchanged_from.get(name):
-            keys = _primary_key(tables[name])
+            keys = _primary_key_indexes(tables[name])
             loaded = {tuple(r[k] for k in keys): r for r in unchanged_from[name]}
             table_rows = [r for r in table_rows
                           if loaded.get(tuple(r[k] for k in keys)) != r]
@@ -277,11 +312,13 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
     if not statement_rows:
         return
     if conn.dialect.name == "postgresql":
-        columns = [c.name for c in tables["statement"].columns]
         with conn.connection.driver_connection.cursor() as cur:
-            _copy_rows(cur, _quoted(tables["statement"].name), columns, statement_rows)
+            _copy_rows(cur, _quoted(tables["statement"].name), tables["statement"],
+                       statement_rows)
     else:
-        conn.execute(tables["statement"].insert(), statement_rows)
+        columns = StatementLine._fields
+        conn.execute(tables["statement"].insert(),
+                     [dict(zip(columns, line, strict=True)) for line in statement_rows])
 
 
 def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True,
