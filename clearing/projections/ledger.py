@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Table, select, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -74,18 +75,31 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
     many keys (an IN list of row values is checked row by row)."""
     db = conn.connection.driver_connection
     name = _quoted(table.name)
+    key_columns = [keys] if len(columns) == 1 else [[key[i] for key in keys]
+                                                   for i in range(len(columns))]
+    # Keys go as one text each column, split by the server: psycopg would dump a list of
+    # tens of thousands of keys element by element in Python. A key holding the separator
+    # (or an empty key, which splitting would lose) goes as an array instead.
+    joined = [_KEY_SEPARATOR.join(column) for column in key_columns]
+    split = all(text.count(_KEY_SEPARATOR) == len(column) - 1 and "" not in column
+                for text, column in zip(joined, key_columns, strict=True))
+    array = "string_to_array(%s, chr(31))" if split else \
+        "%s" if len(columns) == 1 else "%s::text[]"
+    params: tuple[Any, ...] = tuple(joined if split else key_columns)
     if len(columns) == 1:
-        sql = f'SELECT * FROM {name} WHERE "{columns[0]}" = ANY(%s)'
-        params: tuple[Any, ...] = (keys,)
+        sql = f'SELECT * FROM {name} WHERE "{columns[0]}" = ANY({array})'
     else:
-        arrays = ", ".join("%s::text[]" for _ in columns)
+        arrays = ", ".join(array for _ in columns)
         names = ", ".join(f"k{i}" for i in range(len(columns)))
         join = " AND ".join(f't."{c}" = k.k{i}' for i, c in enumerate(columns))
         sql = f"SELECT t.* FROM {name} t JOIN unnest({arrays}) AS k({names}) ON {join}"
-        params = tuple([key[i] for key in keys] for i in range(len(columns)))
     with db.cursor(row_factory=namedtuple_row) as cur:
         cur.execute(sql, params)
         return cur.fetchall()
+
+
+_KEY_SEPARATOR = chr(31)
+"""ASCII unit separator: no account, asset, symbol or trade id holds a control character."""
 
 
 def _quoted(name: str) -> str:
@@ -191,6 +205,22 @@ def _upsert_postgresql(conn: Connection, table: Table, rows: list[tuple[Any, ...
                     f"ON CONFLICT ({', '.join(chr(34) + k + chr(34) for k in keys)}) "
                     f"DO UPDATE SET {updates}")
         cur.execute(f"TRUNCATE {scratch}")
+
+
+def _insert_new_postgresql(conn: Connection, table: Table, rows: list[tuple[Any, ...]]
+                           ) -> None:
+    """Rows whose keys were looked up and not found: COPYed straight into the table. The
+    checkpoint lock keeps other writers of the read model out, so they are new; should one
+    exist all the same (a key the facts did not say they touch), the COPY is undone to its
+    savepoint and the rows are upserted."""
+    if not rows:
+        return
+    db = conn.connection.driver_connection
+    try:
+        with db.transaction(), db.cursor() as cur:
+            _copy_rows(cur, _quoted(table.name), table, rows)
+    except psycopg.errors.UniqueViolation:
+        _upsert(conn, table, rows)
 
 
 def _copy_rows(cur: Any, target: str, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -302,13 +332,25 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
     """Write the state's rows back; rows equal to `unchanged_from` (as loaded) are skipped."""
     rows = state_rows(state)
     statement_rows = rows.pop("statement")
+    postgresql = conn.dialect.name == "postgresql"
     for name, table_rows in rows.items():
-        if unchanged_from is not None and unchanged_from.get(name):
-            keys = _primary_key_indexes(tables[name])
-            loaded = {tuple(r[k] for k in keys): r for r in unchanged_from[name]}
-            table_rows = [r for r in table_rows
-                          if loaded.get(tuple(r[k] for k in keys)) != r]
-        _upsert(conn, tables[name], table_rows)
+        if unchanged_from is None or not table_rows:
+            _upsert(conn, tables[name], table_rows)
+            continue
+        keys = _primary_key_indexes(tables[name])
+        loaded = {tuple(r[k] for k in keys): r for r in unchanged_from.get(name, ())}
+        changed, added = [], []
+        for row in table_rows:
+            before = loaded.get(tuple(row[k] for k in keys))
+            if before is None:
+                added.append(row)
+            elif before != row:
+                changed.append(row)
+        _upsert(conn, tables[name], changed)
+        if postgresql:
+            _insert_new_postgresql(conn, tables[name], added)
+        else:
+            _upsert(conn, tables[name], added)
     if not statement_rows:
         return
     if conn.dialect.name == "postgresql":
