@@ -161,7 +161,15 @@ class Touched:
 def touched(events: list[Event]) -> Touched:
     """What state `evolve` reads for these events: a projection loads exactly this."""
     keys = Touched()
+    balances, instruments, positions = keys.balances, keys.instruments, keys.positions
     for event in events:
+        if type(event) is TradeCleared:  # the common case, first: what a trades file holds
+            balances.update([(p.account_id, p.asset) for p in event.postings])
+            for leg in event.legs:
+                instruments.add(leg.instrument)
+                positions.add((leg.buyer, leg.instrument))
+                positions.add((leg.seller, leg.instrument))
+            continue
         extra = TOUCHES.get(type(event))
         if extra is not None:
             extra(event, keys)

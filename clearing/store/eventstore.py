@@ -40,7 +40,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from pydantic import ValidationError
@@ -246,8 +246,9 @@ class AppendResult:
         return self.written == 0
 
 
-@dataclass(frozen=True)
-class _Prepared:
+class _Prepared(NamedTuple):
+    """An event serialised once: its payload text is what is hashed, stored and compared."""
+
     event: Event
     index: int
     stream_id: str
@@ -348,9 +349,11 @@ class EventStore:
                 raise DuplicateKeyInAppend(item.idempotency_key, index)
             seen.add(item.idempotency_key)
             payload = item.event.model_dump_json()
-            size = len(payload.encode("utf-8"))
-            if size > PAYLOAD_BYTES_MAX:
-                raise PayloadTooLarge(index, size, PAYLOAD_BYTES_MAX)
+            # UTF-8 takes at most 4 bytes a character: a short payload needs no encoding.
+            if len(payload) * 4 > PAYLOAD_BYTES_MAX:
+                size = len(payload.encode("utf-8"))
+                if size > PAYLOAD_BYTES_MAX:
+                    raise PayloadTooLarge(index, size, PAYLOAD_BYTES_MAX)
             prepared.append(
                 _Prepared(
                     event=item.event,
@@ -417,13 +420,16 @@ class EventStore:
         recorded_text = storage_time(recorded_at)
         rows = []
         new_heads: dict[str, tuple[int, str]] = {}
+        effective_texts: dict[datetime, str] = {}  # a file's facts share a few times
         for p, position in zip(fresh, new_positions, strict=True):
             version, previous_hash = new_heads.get(p.stream_id) or heads.get(
                 p.stream_id, (0, GENESIS_HASH)
             )
             version += 1
             event_id = event_id_for(position, p.idempotency_key)
-            effective_text = storage_time(p.effective_at)
+            effective_text = effective_texts.get(p.effective_at)
+            if effective_text is None:
+                effective_text = effective_texts[p.effective_at] = storage_time(p.effective_at)
             digest = chain_hash(previous_hash, envelope_bytes(
                 p.stream_id, version, event_id, p.type_name, p.schema_version, p.payload,
                 p.metadata, effective_text, recorded_text, p.idempotency_key))
