@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pydantic import ValidationError
 
@@ -98,8 +97,7 @@ class LedgerView(Protocol):
     def settled_instruments(self) -> set[str]: ...
 
 
-@dataclass(frozen=True)
-class DecidedRow:
+class DecidedRow(NamedTuple):
     line: int
     fact: NewFact
 
@@ -433,44 +431,33 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
             continue
         first_line = legs[0][0]
         numbers = [leg.leg for _, _, leg in legs]
-        if sorted(numbers) != list(range(1, len(legs) + 1)):
+        expected = list(range(1, len(legs) + 1))
+        if numbers != expected and sorted(numbers) != expected:
             problems.add(first_line, "leg", f"trade {trade_id!r} has legs "
                                             f"{','.join(map(str, numbers))}; expected 1.."
                                             f"{len(legs)}, each once")
             continue
-        times = {at for _, at, _ in legs}
-        if len(times) != 1:
+        at = legs[0][1]
+        if any(other != at for _, other, _ in legs):
             problems.add(legs[1][0], "time", f"legs of trade {trade_id!r} have different "
                                              "times")
             continue
-        ordered = tuple(leg for _, _, leg in sorted(legs, key=lambda x: x[2].leg))
-        cmd = ClearTrade(trade_id, ordered, legs[0][1])
-        line_of_leg = {leg.leg: line for line, _, leg in legs}
-
-        def decide_one() -> list[NewFact]:
-            try:
-                # A trade already recorded is a redelivery: the store recognises it; only a
-                # new trade is refused for an instrument that has settled since.
-                return decide_clear_trade(cmd, accounts, instruments,
-                                          () if f"trade:{trade_id}" in recorded else settled)
-            except Rejected as exc:
-                bad_leg = _leg_of(exc, cmd)
-                raise _AtLine(line_of_leg.get(bad_leg, first_line), exc) from None
-
+        ordered = tuple(leg for _, _, leg in (legs if numbers == expected else
+                                              sorted(legs, key=lambda x: x[2].leg)))
+        cmd = ClearTrade(trade_id, ordered, at)
         try:
-            facts = decide_one()
-        except _AtLine as exc:
-            problems.add(exc.line, exc.rejection.field, exc.rejection.reason)
+            # A trade already recorded is a redelivery: the store recognises it; only a
+            # new trade is refused for an instrument that has settled since.
+            facts = decide_clear_trade(cmd, accounts, instruments,
+                                       () if f"trade:{trade_id}" in recorded else settled)
+        except Rejected as exc:
+            line_of_leg = {leg.leg: line for line, _, leg in legs}
+            problems.add(line_of_leg.get(_leg_of(exc, cmd), first_line), exc.field,
+                         exc.reason)
             continue
-        decided.extend(DecidedRow(first_line, f) for f in facts)
+        decided.extend([DecidedRow(first_line, f) for f in facts])
         if problems.full():
             break
-
-
-class _AtLine(Exception):
-    def __init__(self, line: int, rejection: Rejected):
-        self.line = line
-        self.rejection = rejection
 
 
 def _leg_of(exc: Rejected, cmd: ClearTrade) -> int:

@@ -32,6 +32,7 @@ from clearing.domain.ledger import (
 from clearing.domain.ledger import Fact
 from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
+from clearing.store.text_arrays import text_array
 
 KEY_CHUNK = 2_000
 Tables = Mapping[str, Table]
@@ -77,29 +78,17 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
     name = _quoted(table.name)
     key_columns = [keys] if len(columns) == 1 else [[key[i] for key in keys]
                                                    for i in range(len(columns))]
-    # Keys go as one text each column, split by the server: psycopg would dump a list of
-    # tens of thousands of keys element by element in Python. A key holding the separator
-    # (or an empty key, which splitting would lose) goes as an array instead.
-    joined = [_KEY_SEPARATOR.join(column) for column in key_columns]
-    split = all(text.count(_KEY_SEPARATOR) == len(column) - 1 and "" not in column
-                for text, column in zip(joined, key_columns, strict=True))
-    array = "string_to_array(%s, chr(31))" if split else \
-        "%s" if len(columns) == 1 else "%s::text[]"
-    params: tuple[Any, ...] = tuple(joined if split else key_columns)
+    arrays, params = zip(*(text_array(column) for column in key_columns), strict=True)
     if len(columns) == 1:
-        sql = f'SELECT * FROM {name} WHERE "{columns[0]}" = ANY({array})'
+        sql = f'SELECT * FROM {name} WHERE "{columns[0]}" = ANY({arrays[0]})'
     else:
-        arrays = ", ".join(array for _ in columns)
         names = ", ".join(f"k{i}" for i in range(len(columns)))
         join = " AND ".join(f't."{c}" = k.k{i}' for i, c in enumerate(columns))
-        sql = f"SELECT t.* FROM {name} t JOIN unnest({arrays}) AS k({names}) ON {join}"
+        sql = (f"SELECT t.* FROM {name} t JOIN unnest({', '.join(arrays)}) AS k({names}) "
+               f"ON {join}")
     with db.cursor(row_factory=namedtuple_row) as cur:
         cur.execute(sql, params)
         return cur.fetchall()
-
-
-_KEY_SEPARATOR = chr(31)
-"""ASCII unit separator: no account, asset, symbol or trade id holds a control character."""
 
 
 def _quoted(name: str) -> str:

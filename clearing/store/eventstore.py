@@ -74,6 +74,7 @@ from clearing.store.hashchain import GENESIS_HASH, chain_hash, envelope_bytes
 from clearing.store.database import write_transaction
 from clearing.store.testhooks import PAUSE_IN_APPEND_ENV, pause_at
 from clearing.store.tables import events, streams
+from clearing.store.text_arrays import text_array
 
 ANY_VERSION = -1
 """Expected version meaning: append whatever version the stream is at."""
@@ -487,8 +488,9 @@ class EventStore:
         cur = db.cursor()
         try:
             if self.is_postgresql:
+                array, param = text_array(stream_ids)
                 cur.execute("SELECT stream_id, version, last_hash FROM streams "
-                            "WHERE stream_id = ANY(%s)", (stream_ids,))
+                            f"WHERE stream_id = ANY({array})", (param,))
                 rows = cur.fetchall()
             else:
                 rows = []
@@ -521,14 +523,16 @@ class EventStore:
         if self.is_postgresql:
             # One statement over arrays, not one per stream: a trades file moves a stream
             # head per trade.
+            ids, id_param = text_array(list(heads))
+            versions, version_param = text_array([str(v) for v, _ in heads.values()])
+            hashes, hash_param = text_array([h for _, h in heads.values()])
             with db.cursor() as cur:
                 cur.execute(
                     "INSERT INTO streams (stream_id, version, last_hash) "
-                    "SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[]) "
+                    f"SELECT * FROM unnest({ids}, ({versions})::integer[], {hashes}) "
                     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
                     "last_hash = excluded.last_hash",
-                    (list(heads), [v for v, _ in heads.values()],
-                     [h for _, h in heads.values()]))
+                    (id_param, version_param, hash_param))
             return
         rows = [(s, v, h) for s, (v, h) in heads.items()]
         mark = "?"
