@@ -222,14 +222,14 @@ def reference_of(event: Event) -> str:
 def post(state: LedgerState, fact: Fact, event: MoneyMovement) -> None:
     """Apply postings to balances and write one statement line per posting."""
     reference = reference_of(event)
+    position, effective_at, type_name = fact.position, fact.effective_at, event.type_name
+    balances, statement = state.balances, state.statement
     for p in event.postings:
         key = (p.account_id, p.asset)
-        balance = state.balances.get(key, ZERO) + p.amount
-        state.balances[key] = balance
-        state.statement.append(
-            StatementLine(fact.position, p.account_id, p.asset, fact.effective_at,
-                          event.type_name, reference, p.amount, balance)
-        )
+        balance = balances.get(key, ZERO) + p.amount
+        balances[key] = balance
+        statement.append(StatementLine(position, p.account_id, p.asset, effective_at,
+                                       type_name, reference, p.amount, balance))
 
 
 def apply_fill(position: Position, quantity: Decimal, price: Decimal,
@@ -278,11 +278,16 @@ def _collateral_moved(state: LedgerState, fact: Fact,
 
 
 def _fill_legs(state: LedgerState, legs: tuple[TradeLeg, ...], sign: int) -> None:
+    positions = state.positions
     for leg in legs:
-        multiplier = state.instruments[leg.instrument].multiplier
+        instrument, quantity, price = leg.instrument, leg.quantity, leg.price
+        multiplier = state.instruments[instrument].multiplier
         for account_id, direction in ((leg.buyer, sign), (leg.seller, -sign)):
-            position = state.positions.setdefault((account_id, leg.instrument), Position())
-            apply_fill(position, leg.quantity * direction, leg.price, multiplier)
+            key = (account_id, instrument)
+            position = positions.get(key)
+            if position is None:
+                position = positions[key] = Position()
+            apply_fill(position, quantity * direction, price, multiplier)
 
 
 def _trade_cleared(state: LedgerState, fact: Fact, e: TradeCleared) -> None:
