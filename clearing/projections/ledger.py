@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -326,11 +327,11 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
         if unchanged_from is None or not table_rows:
             _upsert(conn, tables[name], table_rows)
             continue
-        keys = _primary_key_indexes(tables[name])
-        loaded = {tuple(r[k] for k in keys): r for r in unchanged_from.get(name, ())}
+        key_of = itemgetter(*_primary_key_indexes(tables[name]))
+        loaded = {key_of(r): r for r in unchanged_from.get(name, ())}
         changed, added = [], []
         for row in table_rows:
-            before = loaded.get(tuple(row[k] for k in keys))
+            before = loaded.get(key_of(row))
             if before is None:
                 added.append(row)
             elif before != row:
