@@ -108,7 +108,7 @@ def read_csv(path: Path, columns: Sequence[str]) -> list[CsvRow]:
             if len(problems) >= ERRORS_REPORTED_MAX:
                 break
             continue
-        rows.append(CsvRow(line, dict(zip(header, (c.strip() for c in cells), strict=True))))
+        rows.append(CsvRow(line, dict(zip(header, [c.strip() for c in cells], strict=True))))
     if problems:
         raise InputRejected(problems)
     if not rows:

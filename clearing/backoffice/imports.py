@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pydantic import ValidationError
 
@@ -98,8 +97,7 @@ class LedgerView(Protocol):
     def settled_instruments(self) -> set[str]: ...
 
 
-@dataclass(frozen=True)
-class DecidedRow:
+class DecidedRow(NamedTuple):
     line: int
     fact: NewFact
 
@@ -231,7 +229,48 @@ def parse_collateral(row: CsvRow) -> MoveCollateral:
                           _amount(row, asset), _time(row))
 
 
-def parse_leg(row: CsvRow) -> tuple[str, datetime, TradeLeg]:
+class AcceptedValues:
+    """Cell texts a file has already shown to be valid, with what they parsed to. A trades
+    file repeats the same accounts, prices, fees and times on row after row; a text that
+    parsed once parses the same again, so only its first occurrence pays for the checks.
+    Only accepted texts are kept: a bad one is judged (and reported) by the full checks."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, str] = {}
+        self.decimals: dict[tuple[str, str], Decimal] = {}
+        """By (field, text): the field decides the scale and the sign allowed."""
+        self.times: dict[str, datetime] = {}
+
+
+def _cached_account_id(row: CsvRow, field: str, accepted: AcceptedValues) -> str:
+    text = row.values[field]
+    value = accepted.accounts.get(text)
+    if value is None:
+        value = accepted.accounts[text] = _account_id(row, field)
+    return value
+
+
+def _cached_decimal(row: CsvRow, field: str, scale: int, accepted: AcceptedValues, *,
+                    positive: bool = False, non_negative: bool = False) -> Decimal:
+    key = (field, row.values[field])
+    value = accepted.decimals.get(key)
+    if value is None:
+        value = accepted.decimals[key] = _decimal(row, field, scale, positive=positive,
+                                                  non_negative=non_negative)
+    return value
+
+
+def _cached_time(row: CsvRow, accepted: AcceptedValues) -> datetime:
+    text = row.values["time"]
+    value = accepted.times.get(text)
+    if value is None:
+        value = accepted.times[text] = _time(row)
+    return value
+
+
+def parse_leg(row: CsvRow, accepted: AcceptedValues | None = None
+              ) -> tuple[str, datetime, TradeLeg]:
+    accepted = accepted or AcceptedValues()
     trade_id = _text(row, "trade_id")
     leg_text = _text(row, "leg")
     if not leg_text.isdigit() or not 1 <= int(leg_text) <= LEGS_MAX:
@@ -239,14 +278,14 @@ def parse_leg(row: CsvRow) -> tuple[str, datetime, TradeLeg]:
     leg = TradeLeg(
         leg=int(leg_text),
         instrument=_text(row, "instrument"),
-        buyer=_account_id(row, "buyer"),
-        seller=_account_id(row, "seller"),
-        quantity=_decimal(row, "quantity", QUANTITY_SCALE, positive=True),
-        price=_decimal(row, "price", PRICE_SCALE, positive=True),
-        buyer_fee=_decimal(row, "buyer_fee", 8, non_negative=True),
-        seller_fee=_decimal(row, "seller_fee", 8, non_negative=True),
+        buyer=_cached_account_id(row, "buyer", accepted),
+        seller=_cached_account_id(row, "seller", accepted),
+        quantity=_cached_decimal(row, "quantity", QUANTITY_SCALE, accepted, positive=True),
+        price=_cached_decimal(row, "price", PRICE_SCALE, accepted, positive=True),
+        buyer_fee=_cached_decimal(row, "buyer_fee", 8, accepted, non_negative=True),
+        seller_fee=_cached_decimal(row, "seller_fee", 8, accepted, non_negative=True),
     )
-    return trade_id, _time(row), leg
+    return trade_id, _cached_time(row, accepted), leg
 
 
 def parse_mark(row: CsvRow) -> PublishMark:
@@ -375,8 +414,9 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
     settled = view.settled_instruments()
     trades: dict[str, list[tuple[int, datetime, TradeLeg]]] = {}
     unparsed: set[str] = set()
+    accepted = AcceptedValues()
     for row in rows:
-        parsed = _guard(problems, row.line, lambda: parse_leg(row))
+        parsed = _guard(problems, row.line, lambda: parse_leg(row, accepted))
         if parsed is None:
             # Its other legs are not judged: their numbers would report this row's problem
             # again as a confusing second one ("has legs 2; expected 1..1").
@@ -391,44 +431,33 @@ def _decide_trades(rows, view, now, problems, decided) -> None:  # type: ignore[
             continue
         first_line = legs[0][0]
         numbers = [leg.leg for _, _, leg in legs]
-        if sorted(numbers) != list(range(1, len(legs) + 1)):
+        expected = list(range(1, len(legs) + 1))
+        if numbers != expected and sorted(numbers) != expected:
             problems.add(first_line, "leg", f"trade {trade_id!r} has legs "
                                             f"{','.join(map(str, numbers))}; expected 1.."
                                             f"{len(legs)}, each once")
             continue
-        times = {at for _, at, _ in legs}
-        if len(times) != 1:
+        at = legs[0][1]
+        if any(other != at for _, other, _ in legs):
             problems.add(legs[1][0], "time", f"legs of trade {trade_id!r} have different "
                                              "times")
             continue
-        ordered = tuple(leg for _, _, leg in sorted(legs, key=lambda x: x[2].leg))
-        cmd = ClearTrade(trade_id, ordered, legs[0][1])
-        line_of_leg = {leg.leg: line for line, _, leg in legs}
-
-        def decide_one() -> list[NewFact]:
-            try:
-                # A trade already recorded is a redelivery: the store recognises it; only a
-                # new trade is refused for an instrument that has settled since.
-                return decide_clear_trade(cmd, accounts, instruments,
-                                          () if f"trade:{trade_id}" in recorded else settled)
-            except Rejected as exc:
-                bad_leg = _leg_of(exc, cmd)
-                raise _AtLine(line_of_leg.get(bad_leg, first_line), exc) from None
-
+        ordered = tuple(leg for _, _, leg in (legs if numbers == expected else
+                                              sorted(legs, key=lambda x: x[2].leg)))
+        cmd = ClearTrade(trade_id, ordered, at)
         try:
-            facts = decide_one()
-        except _AtLine as exc:
-            problems.add(exc.line, exc.rejection.field, exc.rejection.reason)
+            # A trade already recorded is a redelivery: the store recognises it; only a
+            # new trade is refused for an instrument that has settled since.
+            facts = decide_clear_trade(cmd, accounts, instruments,
+                                       () if f"trade:{trade_id}" in recorded else settled)
+        except Rejected as exc:
+            line_of_leg = {leg.leg: line for line, _, leg in legs}
+            problems.add(line_of_leg.get(_leg_of(exc, cmd), first_line), exc.field,
+                         exc.reason)
             continue
-        decided.extend(DecidedRow(first_line, f) for f in facts)
+        decided.extend([DecidedRow(first_line, f) for f in facts])
         if problems.full():
             break
-
-
-class _AtLine(Exception):
-    def __init__(self, line: int, rejection: Rejected):
-        self.line = line
-        self.rejection = rejection
 
 
 def _leg_of(exc: Rejected, cmd: ClearTrade) -> int:

@@ -106,6 +106,8 @@ def _fields(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
     if hasattr(a, "model_dump"):
         da, db = a.model_dump(), b.model_dump()
         return [(k, da.get(k), db.get(k)) for k in da]
+    if isinstance(a, tuple) and hasattr(a, "_fields"):  # a named tuple (a statement line)
+        return [(name, getattr(a, name), getattr(b, name)) for name in a._fields]
     if hasattr(a, "__dataclass_fields__"):
         return [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in fields(a)
                 if f.name != "legs"] + (

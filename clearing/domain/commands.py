@@ -173,11 +173,13 @@ def decide_clear_trade(cmd: ClearTrade, accounts: Container[str],
     `ccp:fees`."""
     movements: list[tuple[str, str, Decimal]] = []
     for leg in cmd.legs:
-        for side, account_id in (("buyer", leg.buyer), ("seller", leg.seller)):
-            if account_id not in accounts and account_id not in TRADING_HOUSE_ACCOUNTS:
-                raise UnknownAccount(account_id, field=side)
-        if leg.buyer == leg.seller:
-            raise SameAccountBothSides(leg.buyer)
+        buyer, seller = leg.buyer, leg.seller
+        if buyer not in accounts and buyer not in TRADING_HOUSE_ACCOUNTS:
+            raise UnknownAccount(buyer, field="buyer")
+        if seller not in accounts and seller not in TRADING_HOUSE_ACCOUNTS:
+            raise UnknownAccount(seller, field="seller")
+        if buyer == seller:
+            raise SameAccountBothSides(buyer)
         instrument = instruments.get(leg.instrument)
         if instrument is None:
             raise UnknownInstrument(leg.instrument)
@@ -191,18 +193,19 @@ def decide_clear_trade(cmd: ClearTrade, accounts: Container[str],
                                          "reported after its settlement cannot be cleared",
                            instrument.symbol)
         asset = instrument.settlement_asset
-        for field, fee in (("buyer_fee", leg.buyer_fee), ("seller_fee", leg.seller_fee)):
-            if fee != fee.quantize(asset_spec(asset).quantum):
-                raise Rejected(field, f"has more than {asset_spec(asset).scale} decimals "
-                                      f"for {asset}", fee)
+        spec = asset_spec(asset)
+        buyer_fee, seller_fee = leg.buyer_fee, leg.seller_fee
+        for field, fee in (("buyer_fee", buyer_fee), ("seller_fee", seller_fee)):
+            if fee != fee.quantize(spec.quantum):
+                raise Rejected(field, f"has more than {spec.scale} decimals for {asset}", fee)
         if instrument.is_option:
             premium = leg.price * leg.quantity * instrument.multiplier
             paid = charge_rounded(premium, asset)
             received = payout_rounded(premium, asset)
-            movements += [(leg.buyer, asset, -paid), (leg.seller, asset, received),
+            movements += [(buyer, asset, -paid), (seller, asset, received),
                           (ROUNDING, asset, paid - received)]
-        movements += [(leg.buyer, asset, -leg.buyer_fee), (leg.seller, asset, -leg.seller_fee),
-                      (FEES, asset, leg.buyer_fee + leg.seller_fee)]
+        movements += [(buyer, asset, -buyer_fee), (seller, asset, -seller_fee),
+                      (FEES, asset, buyer_fee + seller_fee)]
     event = TradeCleared(trade_id=cmd.trade_id, legs=cmd.legs, traded_at=cmd.at,
                          postings=net_postings(movements))
     return [NewFact(trade_stream(cmd.trade_id), event, f"trade:{cmd.trade_id}", cmd.at)]

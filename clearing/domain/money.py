@@ -115,7 +115,7 @@ def parse_amount(text: str, asset: str, *, positive: bool = True) -> Decimal:
 
 def quantize(amount: Decimal, asset: str) -> Decimal:
     """Exact quantisation of an amount that must already fit the asset's scale."""
-    spec = asset_spec(asset)
+    spec = ASSETS.get(asset) or asset_spec(asset)
     value = amount.quantize(spec.quantum)
     if value != amount:
         raise InvalidAmount(str(amount), f"has more than {spec.scale} decimals")
@@ -125,17 +125,17 @@ def quantize(amount: Decimal, asset: str) -> Decimal:
 def credit_rounded(amount: Decimal, asset: str) -> Decimal:
     """A signed amount credited to an account, rounded in the clearing house's favour
     (towards negative infinity): payouts round down, charges round up."""
-    return amount.quantize(asset_spec(asset).quantum, rounding=ROUND_FLOOR)
+    return amount.quantize((ASSETS.get(asset) or asset_spec(asset)).quantum, rounding=ROUND_FLOOR)
 
 
 def payout_rounded(amount: Decimal, asset: str) -> Decimal:
     """A positive payout, rounded down."""
-    return amount.quantize(asset_spec(asset).quantum, rounding=ROUND_FLOOR)
+    return amount.quantize((ASSETS.get(asset) or asset_spec(asset)).quantum, rounding=ROUND_FLOOR)
 
 
 def charge_rounded(amount: Decimal, asset: str) -> Decimal:
     """A positive charge, rounded up."""
-    return amount.quantize(asset_spec(asset).quantum, rounding=ROUND_CEILING)
+    return amount.quantize((ASSETS.get(asset) or asset_spec(asset)).quantum, rounding=ROUND_CEILING)
 
 
 def requirement_usd(amount: Decimal) -> Decimal:
@@ -148,9 +148,13 @@ def usd_cents(amount: Decimal) -> Decimal:
     return amount.quantize(Decimal("0.01"), rounding=ROUND_FLOOR)
 
 
+_INFORMATIONAL_QUANTA = {scale: Decimal(1).scaleb(-scale) for scale in range(19)}
+
+
 def informational(value: Decimal, scale: int = 10) -> Decimal:
     """A derived figure that is not money (an average entry price): half-even at `scale`."""
-    return value.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_EVEN)
+    quantum = _INFORMATIONAL_QUANTA.get(scale) or Decimal(1).scaleb(-scale)
+    return value.quantize(quantum, rounding=ROUND_HALF_EVEN)
 
 
 def canonical_decimal(value: Decimal) -> str:

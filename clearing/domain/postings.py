@@ -31,10 +31,12 @@ class UnbalancedPostings(ValueError):
 
 
 def check_balanced(postings: Iterable[Posting]) -> None:
-    totals: dict[str, Decimal] = defaultdict(Decimal)
+    totals: dict[str, Decimal] = {}
     for posting in postings:
-        quantize(posting.amount, posting.asset)
-        totals[posting.asset] += posting.amount
+        asset, amount = posting.asset, posting.amount
+        quantize(amount, asset)
+        total = totals.get(asset)
+        totals[asset] = amount if total is None else total + amount
     for asset, total in sorted(totals.items()):
         if total != 0:
             raise UnbalancedPostings(asset, total)

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from functools import lru_cache
+from operator import itemgetter
 from sys import intern
 from typing import Any, NamedTuple
 
+import psycopg
 from psycopg import sql as pg_sql
 from psycopg.rows import namedtuple_row
 from sqlalchemy import (
@@ -46,6 +48,7 @@ from clearing.domain.ledger import (
 from clearing.domain.ledger import Fact
 from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
+from clearing.store.text_arrays import text_array
 
 KEY_CHUNK = 2_000
 COPY_ROWS_MIN = 50
@@ -104,22 +107,28 @@ def _in_postgresql(conn: Connection, table: Table, columns: list[str],
     """Rows by key through a join on unnested arrays: one statement, index lookups, however
     many keys (an IN list of row values is checked row by row)."""
     db = conn.connection.driver_connection
-    if len(columns) == 1:
-        params: tuple[Any, ...] = (keys,)
+    key_columns = [keys] if len(columns) == 1 else [[key[i] for key in keys]
+                                                   for i in range(len(columns))]
+    if len(columns) == 1 and not all(isinstance(key, str) for key in keys):
+        params: tuple[Any, ...] = (keys,)  # not text (a position): psycopg sends the list
+        statement = _pg_select_by_keys(table.name, tuple(columns), textual=False)
     else:
-        params = tuple([key[i] for key in keys] for i in range(len(columns)))
+        params = tuple(text_array(column) for column in key_columns)
+        statement = _pg_select_by_keys(table.name, tuple(columns), textual=True)
     with db.cursor(row_factory=namedtuple_row) as cur:
-        cur.execute(_pg_select_by_keys(table.name, tuple(columns)), params)
+        cur.execute(statement, params)
         return cur.fetchall()
 
 
 @lru_cache(maxsize=256)
-def _pg_select_by_keys(table: str, columns: tuple[str, ...]) -> str:
-    """`_in_postgresql`'s statement, composed by psycopg once per table and key."""
+def _pg_select_by_keys(table: str, columns: tuple[str, ...], textual: bool) -> str:
+    """`_in_postgresql`'s statement, composed by psycopg once per table and key: keys are
+    bound as text[] array literals (`text_array`), or as a list when not text."""
     name = pg_sql.Identifier(table)
     if len(columns) == 1:
-        statement = pg_sql.SQL("SELECT * FROM {} WHERE {} = ANY(%s)").format(
-            name, pg_sql.Identifier(columns[0]))
+        statement = pg_sql.SQL("SELECT * FROM {} WHERE {} = ANY({})").format(
+            name, pg_sql.Identifier(columns[0]),
+            pg_sql.SQL("%s::text[]" if textual else "%s"))
     else:
         keys_as = [pg_sql.Identifier(f"k{i}") for i in range(len(columns))]
         statement = pg_sql.SQL("SELECT t.* FROM {} t JOIN unnest({}) AS k({}) ON {}").format(
@@ -238,13 +247,15 @@ def _load_trades(state: LedgerState, rows: Iterable[Any]) -> None:
         )
 
 
-def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def _upsert(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
+    """Insert or replace rows given as tuples in the table's column order."""
     if not rows:
         return
     if conn.dialect.name == "postgresql":
         _upsert_postgresql(conn, table, rows)
         return
-    conn.execute(_sqlite_upsert(table), rows)
+    columns = [c.name for c in table.columns]
+    conn.execute(_sqlite_upsert(table), [dict(zip(columns, row, strict=True)) for row in rows])
 
 
 @lru_cache(maxsize=64)
@@ -264,43 +275,62 @@ def _sqlite_upsert(table: Table) -> TextClause:
 _SQLITE_NAMED = sqlite_dialect.pysqlite.dialect(paramstyle="named")
 
 
-def _upsert_postgresql(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def _upsert_postgresql(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
     """A few rows: one INSERT ... ON CONFLICT each, sent together (psycopg pipelines an
     `executemany`). Many rows: COPY into a session-scoped scratch table, then one INSERT ...
     ON CONFLICT from it, which costs four round trips whatever the number of rows."""
     db = conn.connection.driver_connection
-    columns = [c.name for c in table.columns]
-    keys = [c.name for c in table.primary_key.columns]
-    statements = _pg_upsert_statements(table.name, tuple(columns), tuple(keys))
+    statements = _pg_statements(table)
     if len(rows) < COPY_ROWS_MIN:
         with db.cursor() as cur:
-            cur.executemany(statements.insert_values,
-                            [[row[c] for c in columns] for row in rows])
+            cur.executemany(statements.insert_values, rows)
         return
     with db.cursor() as cur:
         cur.execute(statements.create_scratch)
-        with cur.copy(statements.copy_into_scratch) as copy:
-            for row in rows:
-                copy.write_row([row[c] for c in columns])
+        _copy_rows(cur, statements.copy_into_scratch, len(table.columns), rows)
         cur.execute(statements.insert_from_scratch)
         cur.execute(statements.empty_scratch)
 
 
-class _PgUpsert(NamedTuple):
+def _insert_new_postgresql(conn: Connection, table: Table, rows: list[tuple[Any, ...]]
+                           ) -> None:
+    """Rows whose keys were looked up and not found: COPYed straight into the table. The
+    checkpoint lock keeps other writers of the read model out, so they are new; should one
+    exist all the same (a key the facts did not say they touch), the COPY is undone to its
+    savepoint and the rows are upserted."""
+    if not rows:
+        return
+    db = conn.connection.driver_connection
+    # A savepoint by hand: psycopg's own `transaction()` would open and commit a transaction
+    # of its own if none had begun yet, outside the one the caller holds.
+    with db.cursor() as cur:
+        cur.execute("SAVEPOINT read_model_copy")
+        try:
+            _copy_rows(cur, _pg_statements(table).copy_into_table, len(table.columns), rows)
+        except psycopg.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT read_model_copy")
+            _upsert(conn, table, rows)
+        else:
+            cur.execute("RELEASE SAVEPOINT read_model_copy")
+
+
+class _PgStatements(NamedTuple):
     insert_values: str
     create_scratch: str
     copy_into_scratch: str
     insert_from_scratch: str
     empty_scratch: str
+    copy_into_table: str
 
 
 @lru_cache(maxsize=64)
-def _pg_upsert_statements(table: str, columns: tuple[str, ...], keys: tuple[str, ...]
-                          ) -> _PgUpsert:
-    """The upsert's statements for one read-model table, composed by psycopg (names quoted
-    as identifiers) once per table."""
-    name = pg_sql.Identifier(table)
-    scratch = pg_sql.Identifier(f"scratch_{table}")
+def _pg_statements(table: Table) -> _PgStatements:
+    """The statements that write one read-model table, composed by psycopg (names quoted as
+    identifiers) once per table."""
+    columns = [c.name for c in table.columns]
+    keys = [c.name for c in table.primary_key.columns]
+    name = pg_sql.Identifier(table.name)
+    scratch = pg_sql.Identifier(f"scratch_{table.name}")
     column_list = pg_sql.SQL(", ").join(map(pg_sql.Identifier, columns))
     updates = [pg_sql.SQL("{} = excluded.{}").format(pg_sql.Identifier(c), pg_sql.Identifier(c))
                for c in columns if c not in keys]
@@ -308,7 +338,7 @@ def _pg_upsert_statements(table: str, columns: tuple[str, ...], keys: tuple[str,
         pg_sql.SQL(", ").join(map(pg_sql.Identifier, keys)),
         pg_sql.SQL("DO UPDATE SET {}").format(pg_sql.SQL(", ").join(updates)) if updates
         else pg_sql.SQL("DO NOTHING"))
-    composed = _PgUpsert(
+    composed = _PgStatements(
         insert_values=pg_sql.SQL("INSERT INTO {} ({}) VALUES ({}) {}").format(
             name, column_list, pg_sql.SQL(", ").join(pg_sql.Placeholder() * len(columns)),
             conflict),
@@ -318,103 +348,153 @@ def _pg_upsert_statements(table: str, columns: tuple[str, ...], keys: tuple[str,
         insert_from_scratch=pg_sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} {}").format(
             name, column_list, column_list, scratch, conflict),
         empty_scratch=pg_sql.SQL("TRUNCATE {}").format(scratch),
+        copy_into_table=pg_sql.SQL("COPY {} ({}) FROM STDIN").format(name, column_list),
     )
-    return _PgUpsert(*(statement.as_string(None) for statement in composed))
+    return _PgStatements(*(statement.as_string(None) for statement in composed))
 
 
-def _copy_rows(cur: Any, table: pg_sql.Identifier, columns: list[str],
-               rows: list[dict[str, Any]]) -> None:
-    statement = pg_sql.SQL("COPY {} ({}) FROM STDIN").format(
-        table, pg_sql.SQL(", ").join(map(pg_sql.Identifier, columns)))
-    with cur.copy(statement) as copy:
-        for row in rows:
-            copy.write_row([row[c] for c in columns])
+def _copy_rows(cur: Any, copy_statement: str, width: int,
+               rows: Sequence[tuple[Any, ...]]) -> None:
+    """COPY rows (tuples of `width` values in the table's column order) as one text buffer,
+    with each value as psycopg's own `write_row` would send it (`str` of numbers and times,
+    `t` or `f`, `\\N` for NULL), without a call into the driver per value. Text needing
+    COPY's escapes (a backslash, tab, newline or carriage return) is rare: the buffer is
+    checked as a whole, and escaped value by value only when it holds one."""
+    if not rows:
+        return
+    lines = ["\t".join([_NULL if v is None else _BOOL[v] if v is True or v is False
+                         else str(v) for v in row]) for row in rows]
+    data = "\n".join(lines)
+    tabs = len(rows) * (width - 1)
+    if (data.count("\t") != tabs or data.count("\n") != len(rows) - 1 or "\\" in data
+            or "\r" in data):
+        lines = ["\t".join([_NULL if v is None else _BOOL[v] if v is True or v is False
+                             else _copy_text(v) if isinstance(v, str) else str(v)
+                             for v in row]) for row in rows]
+        data = "\n".join(lines)
+    with cur.copy(copy_statement) as copy:
+        copy.write(data + "\n")
+
+
+_NULL = "\\N"
+_BOOL = {True: "t", False: "f"}
+
+
+def _copy_text(value: str) -> str:
+    """A text field as COPY's text format needs it."""
+    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
 
 
 def _primary_key(table: Table) -> list[str]:
     return [c.name for c in table.primary_key.columns]
 
 
-def state_rows(state: LedgerState) -> dict[str, list[dict[str, Any]]]:
-    """The rows each table holds for this state: the one mapping between the two."""
+def _primary_key_indexes(table: Table) -> list[int]:
+    names = [c.name for c in table.columns]
+    return [names.index(c.name) for c in table.primary_key.columns]
+
+
+def state_rows(state: LedgerState) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows each table holds for this state, as tuples in the table's column order: the
+    one mapping between the two."""
     return {
         "accounts": [
-            {"account_id": a.account_id, "owner": a.owner, "margin_model": a.margin_model}
-            for a in state.accounts.values()
+            (a.account_id, a.owner, a.margin_model) for a in state.accounts.values()
         ],
         "instruments": [
-            {"symbol": i.symbol, "kind": str(i.kind), "underlying": i.underlying,
-             "settlement_asset": i.settlement_asset, "expiry": i.expiry, "strike": i.strike,
-             "option_type": None if i.option_type is None else str(i.option_type),
-             "multiplier": i.multiplier}
+            (i.symbol, str(i.kind), i.underlying, i.settlement_asset, i.expiry, i.strike,
+             None if i.option_type is None else str(i.option_type), i.multiplier)
             for i in state.instruments.values()
         ],
         "balances": [
-            {"account_id": a, "asset": asset, "balance": balance}
-            for (a, asset), balance in state.balances.items()
+            (a, asset, balance) for (a, asset), balance in state.balances.items()
         ],
         "positions": [
-            {"account_id": a, "instrument": i, "quantity": p.quantity,
-             "average_entry_price": p.average_entry_price,
-             "settlement_basis": p.settlement_basis, "realised_pnl": p.realised_pnl}
+            (a, i, p.quantity, p.average_entry_price, p.settlement_basis, p.realised_pnl)
             for (a, i), p in state.positions.items()
         ],
         "trade_legs": [
-            {"trade_id": trade_id, "leg": leg.leg, "instrument": leg.instrument,
-             "buyer": leg.buyer, "seller": leg.seller, "quantity": leg.quantity,
-             "price": leg.price, "buyer_fee": leg.buyer_fee, "seller_fee": leg.seller_fee,
-             "traded_at": record.traded_at, "busted": record.busted}
+            (trade_id, leg.leg, leg.instrument, leg.buyer, leg.seller, leg.quantity,
+             leg.price, leg.buyer_fee, leg.seller_fee, record.traded_at, record.busted)
             for trade_id, record in state.trades.items()
             for leg in record.legs
         ],
         "marks": [
-            {"symbol": s, "price": m.price, "iv": m.iv, "marked_at": m.marked_at,
-             "position": m.position}
-            for s, m in state.marks.items()
+            (s, m.price, m.iv, m.marked_at, m.position) for s, m in state.marks.items()
         ],
         "risk_parameter_changes": [
-            {"position": c.position, "name": c.name, "underlying": c.underlying,
-             "value": c.value, "effective_at": c.effective_at}
+            (c.position, c.name, c.underlying, c.value, c.effective_at)
             for c in state.risk_changes.values()
         ],
         "margin_states": [
-            {"account_id": a, "status": m.status, "equity": m.equity, "initial": m.initial,
-             "maintenance": m.maintenance, "since": m.since, "position": m.position}
+            (a, m.status, m.equity, m.initial, m.maintenance, m.since, m.position)
             for a, m in state.margin_states.items()
         ],
         "settlements": [
-            {"symbol": symbol, "settlement_price": price}
-            for symbol, price in state.settlements.items()
+            (symbol, price) for symbol, price in state.settlements.items()
         ],
-        "statement": [
-            {"position": line.position, "account_id": line.account_id, "asset": line.asset,
-             "effective_at": line.effective_at, "type": line.type,
-             "reference": line.reference, "amount": line.amount, "balance": line.balance}
-            for line in state.statement
-        ],
+        # A statement line is a named tuple of the statement table's columns, in order.
+        "statement": state.statement,
     }
 
 
+ROW_COLUMNS = {
+    "accounts": ("account_id", "owner", "margin_model"),
+    "instruments": ("symbol", "kind", "underlying", "settlement_asset", "expiry", "strike",
+                    "option_type", "multiplier"),
+    "balances": ("account_id", "asset", "balance"),
+    "positions": ("account_id", "instrument", "quantity", "average_entry_price",
+                  "settlement_basis", "realised_pnl"),
+    "trade_legs": ("trade_id", "leg", "instrument", "buyer", "seller", "quantity", "price",
+                   "buyer_fee", "seller_fee", "traded_at", "busted"),
+    "marks": ("symbol", "price", "iv", "marked_at", "position"),
+    "risk_parameter_changes": ("position", "name", "underlying", "value", "effective_at"),
+    "margin_states": ("account_id", "status", "equity", "initial", "maintenance", "since",
+                      "position"),
+    "settlements": ("symbol", "settlement_price"),
+    "statement": StatementLine._fields,
+}
+"""The order of `state_rows`' tuples; it must be each table's column order (checked below)."""
+for _table in t.LEDGER_TABLES:
+    if tuple(c.name for c in _table.columns) != ROW_COLUMNS[_table.name]:
+        raise RuntimeError(f"state_rows of {_table.name} do not follow its columns")
+
+
 def save_state(conn: Connection, tables: Tables, state: LedgerState,
-               unchanged_from: dict[str, list[dict[str, Any]]] | None = None) -> None:
+               unchanged_from: dict[str, list[tuple[Any, ...]]] | None = None) -> None:
     """Write the state's rows back; rows equal to `unchanged_from` (as loaded) are skipped."""
     rows = state_rows(state)
     statement_rows = rows.pop("statement")
+    postgresql = conn.dialect.name == "postgresql"
     for name, table_rows in rows.items():
-        if unchanged_from is not None and unchanged_from.get(name):
-            keys = _primary_key(tables[name])
-            loaded = {tuple(r[k] for k in keys): r for r in unchanged_from[name]}
-            table_rows = [r for r in table_rows
-                          if loaded.get(tuple(r[k] for k in keys)) != r]
-        _upsert(conn, tables[name], table_rows)
+        if unchanged_from is None or not table_rows:
+            _upsert(conn, tables[name], table_rows)
+            continue
+        key_of = itemgetter(*_primary_key_indexes(tables[name]))
+        loaded = {key_of(r): r for r in unchanged_from.get(name, ())}
+        changed, added = [], []
+        for row in table_rows:
+            before = loaded.get(key_of(row))
+            if before is None:
+                added.append(row)
+            elif before != row:
+                changed.append(row)
+        _upsert(conn, tables[name], changed)
+        if postgresql:
+            _insert_new_postgresql(conn, tables[name], added)
+        else:
+            _upsert(conn, tables[name], added)
     if not statement_rows:
         return
     if conn.dialect.name == "postgresql":
-        columns = [c.name for c in tables["statement"].columns]
         with conn.connection.driver_connection.cursor() as cur:
-            _copy_rows(cur, pg_sql.Identifier(tables["statement"].name), columns, statement_rows)
+            _copy_rows(cur, _pg_statements(tables["statement"]).copy_into_table,
+                       len(tables["statement"].columns), statement_rows)
     else:
-        conn.execute(tables["statement"].insert(), statement_rows)
+        columns = StatementLine._fields
+        conn.execute(tables["statement"].insert(),
+                     [dict(zip(columns, line, strict=True)) for line in statement_rows])
 
 
 def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True,

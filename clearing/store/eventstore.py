@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from pydantic import ValidationError
@@ -77,6 +77,7 @@ from clearing.store.hashchain import GENESIS_HASH, chain_hash, envelope_bytes
 from clearing.store.database import write_transaction
 from clearing.store.testhooks import PAUSE_IN_APPEND_ENV, pause_at
 from clearing.store.tables import events, streams
+from clearing.store.text_arrays import text_array
 
 ANY_VERSION = -1
 """Expected version meaning: append whatever version the stream is at."""
@@ -245,8 +246,9 @@ class AppendResult:
         return self.written == 0
 
 
-@dataclass(frozen=True)
-class _Prepared:
+class _Prepared(NamedTuple):
+    """An event serialised once: its payload text is what is hashed, stored and compared."""
+
     event: Event
     index: int
     stream_id: str
@@ -347,9 +349,11 @@ class EventStore:
                 raise DuplicateKeyInAppend(item.idempotency_key, index)
             seen.add(item.idempotency_key)
             payload = item.event.model_dump_json()
-            size = len(payload.encode("utf-8"))
-            if size > PAYLOAD_BYTES_MAX:
-                raise PayloadTooLarge(index, size, PAYLOAD_BYTES_MAX)
+            # UTF-8 takes at most 4 bytes a character: a short payload needs no encoding.
+            if len(payload) * 4 > PAYLOAD_BYTES_MAX:
+                size = len(payload.encode("utf-8"))
+                if size > PAYLOAD_BYTES_MAX:
+                    raise PayloadTooLarge(index, size, PAYLOAD_BYTES_MAX)
             prepared.append(
                 _Prepared(
                     event=item.event,
@@ -416,13 +420,16 @@ class EventStore:
         recorded_text = storage_time(recorded_at)
         rows = []
         new_heads: dict[str, tuple[int, str]] = {}
+        effective_texts: dict[datetime, str] = {}  # a file's facts share a few times
         for p, position in zip(fresh, new_positions, strict=True):
             version, previous_hash = new_heads.get(p.stream_id) or heads.get(
                 p.stream_id, (0, GENESIS_HASH)
             )
             version += 1
             event_id = event_id_for(position, p.idempotency_key)
-            effective_text = storage_time(p.effective_at)
+            effective_text = effective_texts.get(p.effective_at)
+            if effective_text is None:
+                effective_text = effective_texts[p.effective_at] = storage_time(p.effective_at)
             digest = chain_hash(previous_hash, envelope_bytes(
                 p.stream_id, version, event_id, p.type_name, p.schema_version, p.payload,
                 p.metadata, effective_text, recorded_text, p.idempotency_key))
@@ -459,7 +466,7 @@ class EventStore:
         cur = db.cursor()
         try:
             if self.is_postgresql:
-                cur.execute(_EXISTING_KEYS_PG, (keys,))
+                cur.execute(_EXISTING_KEYS_PG, (text_array(keys),))
             else:
                 cur.execute(_EXISTING_KEYS_SQLITE, (json.dumps(keys),))
             rows = cur.fetchall()
@@ -473,7 +480,7 @@ class EventStore:
         cur = db.cursor()
         try:
             if self.is_postgresql:
-                cur.execute(_STREAM_HEADS_PG, (stream_ids,))
+                cur.execute(_STREAM_HEADS_PG, (text_array(stream_ids),))
             else:
                 cur.execute(_STREAM_HEADS_SQLITE, (json.dumps(stream_ids),))
             rows = cur.fetchall()
@@ -498,10 +505,19 @@ class EventStore:
         return list(range(last + 1, last + 1 + count))
 
     def _save_heads(self, db: Any, heads: dict[str, tuple[int, str]]) -> None:
+        if self.is_postgresql:
+            # One statement over arrays, not one per stream: a trades file moves a stream
+            # head per trade.
+            with db.cursor() as cur:
+                cur.execute(_SAVE_HEADS_PG, (
+                    text_array(list(heads)),
+                    text_array([str(v) for v, _ in heads.values()]),
+                    text_array([h for _, h in heads.values()])))
+            return
         rows = [(s, v, h) for s, (v, h) in heads.items()]
         cur = db.cursor()
         try:
-            cur.executemany(_SAVE_HEAD_PG if self.is_postgresql else _SAVE_HEAD_SQLITE, rows)
+            cur.executemany(_SAVE_HEAD_SQLITE, rows)
         finally:
             cur.close()
 
@@ -678,15 +694,17 @@ READ_COLUMNS = ("position", "txid", "stream_id", "stream_version", "event_id", "
 # one JSON array unpacked by json_each (SQLite), so a statement's text never depends on how
 # many keys it looks up.
 _EXISTING_KEYS_PG = ("SELECT idempotency_key, position, stream_id, type, payload FROM events "
-                     "WHERE idempotency_key = ANY(%s)")
+                     "WHERE idempotency_key = ANY(%s::text[])")
 _EXISTING_KEYS_SQLITE = ("SELECT idempotency_key, position, stream_id, type, payload FROM "
                          "events WHERE idempotency_key IN (SELECT value FROM json_each(?))")
-_STREAM_HEADS_PG = "SELECT stream_id, version, last_hash FROM streams WHERE stream_id = ANY(%s)"
+_STREAM_HEADS_PG = ("SELECT stream_id, version, last_hash FROM streams "
+                    "WHERE stream_id = ANY(%s::text[])")
 _STREAM_HEADS_SQLITE = ("SELECT stream_id, version, last_hash FROM streams "
                         "WHERE stream_id IN (SELECT value FROM json_each(?))")
-_SAVE_HEAD_PG = ("INSERT INTO streams (stream_id, version, last_hash) VALUES (%s, %s, %s) "
-                 "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
-                 "last_hash = excluded.last_hash")
+_SAVE_HEADS_PG = ("INSERT INTO streams (stream_id, version, last_hash) "
+                  "SELECT * FROM unnest(%s::text[], %s::text[]::integer[], %s::text[]) "
+                  "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+                  "last_hash = excluded.last_hash")
 _SAVE_HEAD_SQLITE = ("INSERT INTO streams (stream_id, version, last_hash) VALUES (?, ?, ?) "
                      "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
                      "last_hash = excluded.last_hash")
