@@ -206,11 +206,17 @@ def _insert_new_postgresql(conn: Connection, table: Table, rows: list[tuple[Any,
     if not rows:
         return
     db = conn.connection.driver_connection
-    try:
-        with db.transaction(), db.cursor() as cur:
+    # A savepoint by hand: psycopg's own `transaction()` would open and commit a transaction
+    # of its own if none had begun yet, outside the one the caller holds.
+    with db.cursor() as cur:
+        cur.execute("SAVEPOINT read_model_copy")
+        try:
             _copy_rows(cur, _quoted(table.name), table, rows)
-    except psycopg.errors.UniqueViolation:
-        _upsert(conn, table, rows)
+        except psycopg.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT read_model_copy")
+            _upsert(conn, table, rows)
+        else:
+            cur.execute("RELEASE SAVEPOINT read_model_copy")
 
 
 def _copy_rows(cur: Any, target: str, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
