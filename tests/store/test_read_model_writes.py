@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import pytest
 from sqlalchemy import select
 
 from clearing.domain.ledger import Account, LedgerState, StatementLine, Touched
@@ -82,3 +83,13 @@ def test_streams_named_with_the_separator_keep_their_versions(engine) -> None:  
     assert [r.stream_version for r in store.read_stream(SEPARATED)] == [1, 2]
     assert store.stream_version(SEPARATED) == 2 and store.stream_version("") == 2
     assert verify_chain(engine).ok
+
+
+def test_rows_saved_by_a_batch_that_then_fails_are_not_kept(engine) -> None:  # type: ignore[no-untyped-def]
+    # The save is the transaction's first statement (a page whose facts load nothing).
+    state = LedgerState(balances={("alice", "USDC"): Decimal("1.000000")})
+    with pytest.raises(RuntimeError):
+        with write_transaction(engine) as conn:
+            save_state(conn, TABLES, state, unchanged_from=NOTHING_LOADED)
+            raise RuntimeError("the batch fails after its rows were written")
+    assert _loaded(engine, Touched(balances={("alice", "USDC")})).balances == {}
