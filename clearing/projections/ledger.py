@@ -103,9 +103,9 @@ def _plain_rows(conn: Connection, table: Table, columns: list[str],
         return
     listed = ", ".join(f'"{c}"::text' if c in as_text else f'"{c}"' for c in columns)
     with conn.connection.driver_connection.cursor(name=f"all_{table.name}") as cur:
-        cur.itersize = PLAIN_ROWS_PAGE
         cur.execute(f"SELECT {listed} FROM {_quoted(table.name)}")
-        yield from cur
+        while rows := cur.fetchmany(PLAIN_ROWS_PAGE):
+            yield from rows
 
 
 def _shared(shared: dict[str, Decimal], text: str) -> Decimal:
