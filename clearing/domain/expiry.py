@@ -102,7 +102,9 @@ def decide_settlements(state: LedgerState, at: datetime, batch_id: str,
                   f"price:{instrument.symbol}", stream=f"instrument-{instrument.symbol}")
     by_expiry: dict[datetime, dict[str, list[PositionMovement]]] = defaultdict(
         lambda: defaultdict(list))
-    for (account_id, symbol), position in sorted(state.positions.items()):
+    # Only the expiring positions are visited (not the book sorted: a million keys); each
+    # account's legs are put in symbol order below, and accounts are paid in order.
+    for (account_id, symbol), position in state.positions.items():
         if symbol not in prices or (position.quantity == 0
                                     and position.settlement_basis == 0):
             continue
@@ -118,6 +120,8 @@ def decide_settlements(state: LedgerState, at: datetime, batch_id: str,
             account_id=account_id, instrument=symbol, quantity_change=-position.quantity,
             basis_change=-position.settlement_basis, price=value, amount=amount))
     for expiry, accounts in sorted(by_expiry.items()):
+        for legs in accounts.values():
+            legs.sort(key=lambda m: m.instrument)
         _pay_by_account(batch, batch_id, expiry, accounts, state)
     return batch.close()
 

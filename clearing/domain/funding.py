@@ -45,10 +45,10 @@ def funding_rate(mark: Decimal, index: Decimal) -> FundingRate:
 
 def decide_funding(state: LedgerState, at: datetime, batch_id: str) -> list[NewFact]:
     batch = BatchFacts(batch_id, "funding", at)
-    for symbol, holders in sorted(open_positions_by_instrument(state).items()):
+    perpetuals = {symbol for symbol, instrument in state.instruments.items()
+                  if instrument.kind is InstrumentKind.PERPETUAL}
+    for symbol, holders in sorted(open_positions_by_instrument(state, perpetuals).items()):
         instrument = state.instruments[symbol]
-        if instrument.kind is not InstrumentKind.PERPETUAL:
-            continue
         mark = state.marks.get(symbol)
         index = state.marks.get(instrument.underlying)
         if mark is None or index is None:

@@ -106,11 +106,12 @@ def all_margins(state: LedgerState, at: datetime,
         [state.accounts[a].margin_model for a, _ in every], [b.balances for _, b in every],
         [b.positions for _, b in every], market, params)
     computed = {a: m for (a, _), m in zip(every, margins, strict=True)}
+    result = computed if not known else {
+        a: computed[a] if a in computed else known[a]
+        for a in sorted(known.keys() | computed.keys())}
     if memo is not None:
         memo.margins.update(computed)
-    if not known:
-        return computed
-    return {a: known.get(a) or computed[a] for a in sorted(known.keys() | computed.keys())}
+    return result
 
 
 class MarginMemo:

@@ -8,6 +8,7 @@ expiry has passed is left to the expiry settlement.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Set
 from datetime import datetime
 
 from clearing.domain.batch_payments import BatchFacts
@@ -16,12 +17,15 @@ from clearing.domain.events import PositionMovement, VariationMarginSettled
 from clearing.domain.ledger import LedgerState, Position
 
 
-def open_positions_by_instrument(state: LedgerState
+def open_positions_by_instrument(state: LedgerState, symbols: Set[str] | None = None
                                  ) -> dict[str, list[tuple[str, Position]]]:
-    """Holders of each instrument (quantity or unsettled basis), sorted by account."""
+    """Holders of each instrument (quantity or unsettled basis), sorted by account; only of
+    the instruments in `symbols` when given (a job that pays futures need not sort the
+    holders of every option)."""
     holders: dict[str, list[tuple[str, Position]]] = defaultdict(list)
     for (account_id, symbol), position in state.positions.items():
-        if position.quantity != 0 or position.settlement_basis != 0:
+        if ((position.quantity != 0 or position.settlement_basis != 0)
+                and (symbols is None or symbol in symbols)):
             holders[symbol].append((account_id, position))
     for rows in holders.values():
         rows.sort(key=lambda row: row[0])
@@ -30,12 +34,12 @@ def open_positions_by_instrument(state: LedgerState
 
 def decide_mark_to_market(state: LedgerState, at: datetime, batch_id: str) -> list[NewFact]:
     batch = BatchFacts(batch_id, "mtm", at)
-    for symbol, holders in sorted(open_positions_by_instrument(state).items()):
+    payable = {symbol for symbol, instrument in state.instruments.items()
+               if instrument.is_linear_delta_one and not instrument.is_expired_at(at)
+               and symbol not in state.settlements and symbol in state.marks}
+    for symbol, holders in sorted(open_positions_by_instrument(state, payable).items()):
         instrument = state.instruments[symbol]
-        mark = state.marks.get(symbol)
-        if (not instrument.is_linear_delta_one or instrument.is_expired_at(at)
-                or symbol in state.settlements or mark is None):
-            continue
+        mark = state.marks[symbol]
         price = mark.price
         movements = []
         for account_id, position in holders:

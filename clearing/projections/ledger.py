@@ -156,9 +156,9 @@ def _plain_rows(conn: Connection, table: Table, columns: list[str],
         else pg_sql.Identifier(c) for c in columns)
     statement = pg_sql.SQL("SELECT {} FROM {}").format(listed, pg_sql.Identifier(table.name))
     with conn.connection.driver_connection.cursor(name=f"all_{table.name}") as cur:
-        cur.itersize = PLAIN_ROWS_PAGE
         cur.execute(statement)
-        yield from cur
+        while rows := cur.fetchmany(PLAIN_ROWS_PAGE):
+            yield from rows
 
 
 def _shared(shared: dict[str, Decimal], text: str) -> Decimal:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
-from clearing.jobs.catalog import run_job
+from clearing.domain.margin_sweep import all_margins
+from clearing.jobs.catalog import run_job, run_jobs
 from tests.ledger.harness import T0, LedgerHarness, leg
 
 PERP = "BTC-PERP"
@@ -128,3 +129,29 @@ def test_healthy_accounts_are_left_alone_and_reruns_change_nothing(
     count = ledger.event_count()
     assert run_job(ledger.ledger, "liquidate", later)[0].already_done
     assert ledger.event_count() == count
+
+
+def test_margin_after_liquidate_in_one_run_sees_what_liquidation_changed(
+    ledger: LedgerHarness,
+) -> None:
+    """In one run, `margin` reuses the margins `liquidate` computed for the accounts it left
+    alone, and computes afresh those it moved: erin, liquidating before, healthy after."""
+    ledger.given_accounts("erin", "mm")
+    ledger.list_perpetual(PERP)
+    ledger.deposit("erin", "USDC", "30000")
+    ledger.deposit("mm", "USDC", "1000000")
+    ledger.trades(("T1", [leg(PERP, buyer="erin", seller="mm", qty="10", price="100000")]))
+    crash_to(ledger, "98000")
+    before = all_margins(ledger.ledger.state_at(T1), T1)
+    assert before["erin"].status == "liquidating"
+
+    run_jobs(ledger.ledger, ("liquidate", "margin"), T1)
+
+    assert [m.account_id for m in events_of(ledger, "PositionLiquidated")] == ["erin"]
+    state = ledger.ledger.state_at(T1)
+    fresh = all_margins(state, T1)
+    assert fresh["erin"].status == "healthy"
+    for account_id, margin in fresh.items():
+        recorded = state.margin_states.get(account_id)
+        assert margin.status == (recorded.status if recorded else "healthy"), account_id
+    assert events_of(ledger, "MarginStatusChanged") == []
