@@ -165,15 +165,16 @@ class RecordedEvent:
     use (the typed event, the metadata, SQLite's text times): a fold that reads a million
     facts pays for exactly what it touches."""
 
-    __slots__ = ("_row", "_event", "_metadata", "_catalogue", "_text_times")
+    __slots__ = ("_row", "_event", "_metadata", "_catalogue", "_text_times", "_remember")
 
     def __init__(self, row: tuple[Any, ...], event_catalogue: EventCatalogue,
-                 text_times: bool = False) -> None:
+                 text_times: bool = False, remember: bool = True) -> None:
         self._row = row
         self._event: Event | None = None
         self._metadata: dict[str, Any] | None = None
         self._catalogue = event_catalogue
         self._text_times = text_times
+        self._remember = remember
 
     position = property(lambda self: self._row[0])
     txid = property(lambda self: self._row[1])
@@ -203,7 +204,7 @@ class RecordedEvent:
             row = self._row
             current_version, read_json = self._catalogue.json_reader(row[5])
             if row[6] == current_version:
-                self._event = _decoded(read_json, row[5], row[7])
+                self._event = _decoded(read_json, row[5], row[7], self._remember)
             else:
                 self._event = self._catalogue.decode(row[5], row[6], json.loads(row[7]))
         return self._event
@@ -548,9 +549,12 @@ class EventStore:
                     # transaction that had finished when it was taken, so later pages may
                     # use it safely.
                     visible_below = self._visible_bound(conn)
+                    read = 0
                     while remaining is None or remaining > 0:
                         size = page_size if remaining is None else min(page_size, remaining)
-                        page = self._read_page(cursor, bounds, size, visible_below, conn)
+                        page = self._read_page(cursor, bounds, size, visible_below, conn,
+                                               remember=read < REMEMBERED_PER_READ)
+                        read += len(page)
                         yield from page
                         if remaining is not None:
                             remaining -= len(page)
@@ -589,7 +593,8 @@ class EventStore:
         return bound
 
     def _read_page(self, after: LogPosition, bounds: LogFilter, size: int,
-                   visible_below: int | None, conn: Connection) -> list[RecordedEvent]:
+                   visible_below: int | None, conn: Connection, remember: bool = True
+                   ) -> list[RecordedEvent]:
         params: dict[str, Any] = {"after_txid": after.txid, "after_position": after.position,
                                   "page_size": int(size)}
         if visible_below is not None:
@@ -614,13 +619,14 @@ class EventStore:
             bounds.before is not None, bounds.effective_until is not None,
             len(bounds.timeless_types) if bounds.effective_until is not None else 0,
             bounds.recorded_until is not None, len(types), bounds.stream_id is not None)
-        return self._query_events(query, {**fixed, **params}, conn)
+        return self._query_events(query, {**fixed, **params}, conn, remember)
 
     def _time_param(self, value: datetime) -> Any:
         return ensure_utc(value) if self.is_postgresql else storage_time(value)
 
     def _query_events(self, sql: str, params: Sequence[Any] | Mapping[str, Any],
-                      conn: Connection | None = None) -> list[RecordedEvent]:
+                      conn: Connection | None = None, remember: bool = True
+                      ) -> list[RecordedEvent]:
         if conn is None:
             with self.engine.connect() as own:
                 return self._query_events(sql, params, own)
@@ -635,7 +641,7 @@ class EventStore:
         conn.rollback()  # each page its own snapshot; hold nothing open between pages
         catalogue_ = self.catalogue
         text_times = not self.is_postgresql
-        found = [RecordedEvent(row, catalogue_, text_times) for row in rows]
+        found = [RecordedEvent(row, catalogue_, text_times, remember) for row in rows]
         recent = self._recent
         if recent:
             for recorded in found:
@@ -763,14 +769,20 @@ def _page_query(postgresql: bool, visible_bound: bool, until: bool, before: bool
 _DECODED: dict[tuple[Callable[[str], Event], str], Event] = {}
 DECODED_EVENTS_MAX = 50_000
 """Typed events kept by their stored payload (see `_decoded`)."""
+REMEMBERED_PER_READ = 5_000
+"""Events of one `read_all` whose decoding is remembered; later ones are looked up only."""
 
 
-def _decoded(read_json: Callable[[str], Event], type_name: str, payload: str) -> Event:
+def _decoded(read_json: Callable[[str], Event], type_name: str, payload: str,
+             remember: bool = True) -> Event:
     """The event a stored payload of the current schema decodes to. A stored event never
     changes and a typed event is frozen, so one decoded copy serves every later read of it
     in this process (the read models catching up, a job reading the marks, a bust reading
     the trades, `verify` replaying): JSON parsing and validation are most of a read's cost.
-    The memo is cleared when full, a bound on memory, never a change in what is returned."""
+    The memo is cleared when full, a bound on memory, never a change in what is returned.
+    A long read (a replay, a rebuild) stops adding to it after REMEMBERED_PER_READ events:
+    keeping every event of a replay alive only makes the garbage collector walk them, for
+    events the process will not read again."""
     key = (read_json, payload)
     event = _DECODED.get(key)
     if event is None:
@@ -778,9 +790,10 @@ def _decoded(read_json: Callable[[str], Event], type_name: str, payload: str) ->
             event = read_json(payload)
         except ValidationError as exc:
             raise InvalidEventPayload(type_name, exc.errors()) from None
-        if len(_DECODED) >= DECODED_EVENTS_MAX:
-            _DECODED.clear()
-        _DECODED[key] = event
+        if remember:
+            if len(_DECODED) >= DECODED_EVENTS_MAX:
+                _DECODED.clear()
+            _DECODED[key] = event
     return event
 
 
