@@ -6,10 +6,8 @@ read models (after bringing them up to date), lets the domain decide, and record
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -21,6 +19,7 @@ from sqlalchemy import Engine, bindparam, func, select
 from clearing.backoffice.csvinput import InputProblem, InputRejected
 from clearing.backoffice.imports import DecidedRow, ImportKind, decide_file
 from clearing.backoffice.replay import REFERENCE_TYPES
+from clearing.collector import collector_paused
 from clearing.config import database_url
 from clearing.domain.commands import BustTrade, NewFact, decide_bust
 from clearing.domain.events import TradeCleared
@@ -208,7 +207,7 @@ class Ledger:
 
     def import_file(self, kind: ImportKind, path: Path) -> ImportReport:
         """Parse, decide and record a whole file as one atomic append."""
-        with _cyclic_gc_paused():
+        with collector_paused():
             return self._import_file(kind, path)
 
     def _import_file(self, kind: ImportKind, path: Path) -> ImportReport:
@@ -272,22 +271,6 @@ class Ledger:
                             self.settled_instruments(), restored)
         return self.record(facts, [{"reason": reason}],
                            expected_versions={f"trade-{trade_id}": len(stream)})
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for one import. An import makes several
-    objects per row (cells, legs, events, postings, statement lines) that all live until it
-    ends and hold no reference cycles: the collector would walk the growing heap again and
-    again, freeing nothing (about as much time as the import's own work on a large file).
-    Reference counting still frees every object as usual."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _conflict_problem(path: Path, decided: list[DecidedRow],

@@ -48,6 +48,7 @@ from clearing.domain.ledger import (
 from clearing.domain.ledger import Fact
 from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
+from clearing.store.copy_text import copy_buffer
 from clearing.store.text_arrays import text_array
 
 KEY_CHUNK = 2_000
@@ -355,35 +356,11 @@ def _pg_statements(table: Table) -> _PgStatements:
 
 def _copy_rows(cur: Any, copy_statement: str, width: int,
                rows: Sequence[tuple[Any, ...]]) -> None:
-    """COPY rows (tuples of `width` values in the table's column order) as one text buffer,
-    with each value as psycopg's own `write_row` would send it (`str` of numbers and times,
-    `t` or `f`, `\\N` for NULL), without a call into the driver per value. Text needing
-    COPY's escapes (a backslash, tab, newline or carriage return) is rare: the buffer is
-    checked as a whole, and escaped value by value only when it holds one."""
+    """COPY rows (tuples of `width` values in the table's column order) as one buffer."""
     if not rows:
         return
-    lines = ["\t".join([_NULL if v is None else _BOOL[v] if v is True or v is False
-                         else str(v) for v in row]) for row in rows]
-    data = "\n".join(lines)
-    tabs = len(rows) * (width - 1)
-    if (data.count("\t") != tabs or data.count("\n") != len(rows) - 1 or "\\" in data
-            or "\r" in data):
-        lines = ["\t".join([_NULL if v is None else _BOOL[v] if v is True or v is False
-                             else _copy_text(v) if isinstance(v, str) else str(v)
-                             for v in row]) for row in rows]
-        data = "\n".join(lines)
     with cur.copy(copy_statement) as copy:
-        copy.write(data + "\n")
-
-
-_NULL = "\\N"
-_BOOL = {True: "t", False: "f"}
-
-
-def _copy_text(value: str) -> str:
-    """A text field as COPY's text format needs it."""
-    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-            .replace("\r", "\\r"))
+        copy.write(copy_buffer(rows, width))
 
 
 def _primary_key(table: Table) -> list[str]:

@@ -16,7 +16,7 @@ says so; either way no fact is applied twice or skipped.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
@@ -25,7 +25,7 @@ from sqlalchemy import Connection, MetaData, Table, bindparam, inspect, select, 
 
 from clearing.domain.ledger import Fact
 from clearing.projections.ledger import LedgerProjection, Tables
-from clearing.store.eventstore import START, EventStore, LogPosition, RecordedEvent
+from clearing.store.eventstore import START, EventStore, LogPosition
 from clearing.store.database import write_transaction
 from clearing.store.failures import retrying
 from clearing.store.testhooks import PAUSE_IN_PROJECTION_ENV, pause_at
@@ -169,7 +169,7 @@ def _create_shadow(conn: Connection, table: Table) -> Table:
     the new name, its indexes suffixed (SQLite index names are schema-wide)."""
     shadow_name = table.name + SHADOW_SUFFIX
     if conn.dialect.name == "postgresql":
-        with _driver(conn).cursor() as cur:
+        with conn.connection.driver_connection.cursor() as cur:
             cur.execute(pg_sql.SQL("DROP TABLE IF EXISTS {}").format(
                 pg_sql.Identifier(shadow_name)))
             # Without defaults: a serial column's default names the original table's
@@ -189,7 +189,7 @@ def _create_shadow(conn: Connection, table: Table) -> Table:
 
 def _swap(conn: Connection, name: str, shadow: str) -> None:
     if conn.dialect.name == "postgresql":
-        with _driver(conn).cursor() as cur:
+        with conn.connection.driver_connection.cursor() as cur:
             cur.execute(pg_sql.SQL("DROP TABLE {}").format(pg_sql.Identifier(name)))
             cur.execute(pg_sql.SQL("ALTER TABLE {} RENAME TO {}").format(
                 pg_sql.Identifier(shadow), pg_sql.Identifier(name)))
@@ -204,7 +204,3 @@ def _swap(conn: Connection, name: str, shadow: str) -> None:
             operations.drop_index(index_name, table_name=name)
             operations.create_index(index_name[: -len(SHADOW_SUFFIX)], name,
                                     list(index["column_names"]), unique=index["unique"])
-
-
-def _driver(conn: Connection) -> Any:
-    return conn.connection.driver_connection
