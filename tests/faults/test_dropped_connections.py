@@ -177,11 +177,11 @@ def test_connection_killed_between_pages_of_a_read_resumes_without_skip_or_repea
         calls: list[int] = []
 
         def killed_before_third_page(self: EventStore, after: Any, bounds: Any, size: int,
-                                     visible_below: Any, conn: Connection) -> Any:
+                                     visible_below: Any, conn: Connection, **options: Any) -> Any:
             calls.append(backend_pid(conn))
             if len(calls) == 3:
                 terminate(admin, calls[-1])
-            return real(self, after, bounds, size, visible_below, conn)
+            return real(self, after, bounds, size, visible_below, conn, **options)
 
         monkeypatch.setattr(EventStore, "_read_page", killed_before_third_page)
         disturbed = [(r.position, r.hash) for r in store.read_all(page_size=40)]
