@@ -15,6 +15,7 @@ from datetime import datetime
 from sqlalchemy import Engine, select
 
 from clearing.domain.clock import storage_time
+from clearing.store.event_ids import event_id_for
 from clearing.store.tables import events, streams
 
 GENESIS_HASH = "0" * 64
@@ -124,6 +125,11 @@ def verify_chain(engine: Engine) -> ChainReport:
                     idempotency_key=row.idempotency_key,
                 ),
             )
+            if problem is None and row.event_id != event_id_for(row.position,
+                                                                row.idempotency_key):
+                problem = (row.position, f"event id {row.event_id} at position "
+                                         f"{row.position} is not the one its position and "
+                                         "key give")
             if problem is None and expected != row.hash:
                 problem = (row.position, f"hash mismatch at position {row.position} "
                                          f"(stream {row.stream_id!r} v{row.stream_version})")

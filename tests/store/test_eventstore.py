@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from clearing.domain.event import Event, EventCatalogue, InvalidEventPayload, UnknownEventType
@@ -17,6 +17,7 @@ from clearing.store.errors import (
     IdempotencyConflict,
     PayloadTooLarge,
 )
+from clearing.store.event_ids import event_id_for
 from clearing.store.eventstore import (
     ANY_VERSION,
     NO_STREAM,
@@ -215,18 +216,31 @@ def test_hash_chain_verifies_and_names_the_first_tampered_position(store: EventS
     assert str(target) in report.reason
 
 
-def tamper_payload(engine, kind: str, position: int, payload: str) -> None:  # type: ignore[no-untyped-def]
+def test_an_event_id_its_position_does_not_give_is_named_by_verify(store: EventStore,
+                                                                    backend) -> None:  # type: ignore[no-untyped-def]
+    # Ids are unique because each is made from its position (PostgreSQL keeps no index on
+    # them): verify holds every stored id to its position and key.
+    result = store.append([noted("a", f"k{i}", str(i)) for i in range(3)])
+    forged = event_id_for(result.positions[0], "k1")  # the first event's position in it
+    tamper_payload(store.engine, backend.kind, result.positions[1], forged, column="event_id")
+    report = verify_chain(store.engine)
+    assert not report.ok
+    assert report.first_bad_position == result.positions[1]
+    assert forged in report.reason
+
+
+def tamper_payload(engine, kind: str, position: int, value: str,  # type: ignore[no-untyped-def]
+                   column: str = "payload") -> None:
     """Edit an event behind the triggers' back, as an attacker with owner rights could."""
+    edit = update(events).where(events.c.position == position).values({column: value})
     with engine.begin() as conn:
         if kind == "postgresql":
             conn.execute(text("ALTER TABLE events DISABLE TRIGGER USER"))
-            conn.execute(text("UPDATE events SET payload = :p WHERE position = :pos"),
-                         {"p": payload, "pos": position})
+            conn.execute(edit)
             conn.execute(text("ALTER TABLE events ENABLE TRIGGER USER"))
         else:
             conn.execute(text("DROP TRIGGER events_refuse_update"))
-            conn.execute(text("UPDATE events SET payload = :p WHERE position = :pos"),
-                         {"p": payload, "pos": position})
+            conn.execute(edit)
             conn.execute(text(
                 "CREATE TRIGGER events_refuse_update BEFORE UPDATE ON events BEGIN "
                 "SELECT RAISE(ABORT, 'events are append-only: UPDATE refused'); END"))
