@@ -354,13 +354,19 @@ def _pg_statements(table: Table) -> _PgStatements:
     return _PgStatements(*(statement.as_string(None) for statement in composed))
 
 
+COPY_CHUNK_ROWS = 1_000
+"""Rows formatted and sent to COPY at a time: the server stores one chunk while the next is
+formatted, so the two work side by side instead of in turn."""
+
+
 def _copy_rows(cur: Any, copy_statement: str, width: int,
                rows: Sequence[tuple[Any, ...]]) -> None:
-    """COPY rows (tuples of `width` values in the table's column order) as one buffer."""
+    """COPY rows (tuples of `width` values in the table's column order), chunk by chunk."""
     if not rows:
         return
     with cur.copy(copy_statement) as copy:
-        copy.write(copy_buffer(rows, width))
+        for start in range(0, len(rows), COPY_CHUNK_ROWS):
+            copy.write(copy_buffer(rows[start:start + COPY_CHUNK_ROWS], width))
 
 
 def _primary_key(table: Table) -> list[str]:
