@@ -19,7 +19,9 @@ unrelated long transaction elsewhere on the server (an analyst's open session, o
 to another ledger in another database or schema) therefore does not hold readers back, as a
 bound on `pg_snapshot_xmin` would. Stream locks are advisory locks taken before the
 transaction's first write too, so a writer that waited for a stream gets a later txid than
-the writer it waited for, and stream versions follow the log order.
+the writer it waited for, and stream versions follow the log order. Streams hash into
+LOCK_BUCKETS locks; an append of many streams takes one lock over all of them instead
+(`_take_stream_locks`).
 
 Failures (see `clearing.store.failures`): an append that meets a transient conflict (a racing
 duplicate, a serialization failure, a deadlock) or loses its connection is run again, at most
