@@ -1,13 +1,15 @@
-"""Drop two indexes of the log that no reader uses and every append paid for.
+"""Drop the unique index on event ids, which every append paid for and no reader uses.
 
-* `uq_events_event_id`: an event id is made from its position (the first 60 bits of the
-  UUID are the position, see `clearing.store.event_ids`), so ids are unique because
-  positions are, and `clearing verify` checks every stored id against its position. The
-  index cost every append a seventh of its database time on PostgreSQL. On SQLite the
-  constraint stays: dropping it there means rebuilding the table (and its append-only
-  triggers), for an embedded store that is not the one tuned for volume.
-* `ix_events_effective_at`: reads bounded by business time walk the log in (txid,
-  position) order and filter; no query is served by an index on the time alone.
+An event id is made from its position (the first 60 bits of the UUID are the position, see
+`clearing.store.event_ids`), so ids are unique because positions are, and `clearing verify`
+checks every stored id against its position and key. The index cost every append about a
+seventh of its database time on PostgreSQL. On SQLite the constraint stays: dropping it there
+means rebuilding the table (and its append-only triggers), for an embedded store that is not
+the one tuned for volume.
+
+(The index on `effective_at` stays: a job finds its batch's facts by effective time,
+`Ledger.state_at` asks for the latest business time and the scheduler for each job's latest
+batch, each a scan of the whole log without it.)
 
 Revision ID: 0006
 Revises: 0005
@@ -25,10 +27,8 @@ depends_on = None
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.drop_constraint("uq_events_event_id", "events", type_="unique")
-    op.drop_index("ix_events_effective_at", table_name="events")
 
 
 def downgrade() -> None:
-    op.create_index("ix_events_effective_at", "events", ["effective_at"])
     if op.get_bind().dialect.name == "postgresql":
         op.create_unique_constraint("uq_events_event_id", "events", ["event_id"])
