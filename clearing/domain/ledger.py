@@ -377,11 +377,22 @@ def _margin_status_changed(state: LedgerState, fact: Fact, e: MarginStatusChange
 
 
 def _positions_moved(state: LedgerState, fact: Fact, e: PositionsMoved) -> None:
+    # An end of day folds a million movements twice (the job's own state, the read
+    # models): no Position is built unless missing, and a movement that leaves the quantity
+    # alone (mark-to-market) only moves the basis, as `move_position` would.
     post(state, fact, e)
+    positions, instruments = state.positions, state.instruments
     for m in e.movements:
-        multiplier = state.instruments[m.instrument].multiplier
-        position = state.positions.setdefault((m.account_id, m.instrument), Position())
-        move_position(position, m.quantity_change, m.price, multiplier, m.basis_change)
+        key = (m.account_id, m.instrument)
+        position = positions.get(key)
+        if position is None:
+            position = positions[key] = Position()
+        quantity = m.quantity_change
+        if quantity == 0:
+            position.settlement_basis += m.basis_change
+            continue
+        move_position(position, quantity, m.price, instruments[m.instrument].multiplier,
+                      m.basis_change)
 
 
 def _instrument_settled(state: LedgerState, fact: Fact, e: InstrumentSettled) -> None:
