@@ -181,6 +181,12 @@ def touched(events: list[Event]) -> Touched:
         if extra is not None:
             extra(event, keys)
             continue
+        if isinstance(event, PositionsMoved):  # a batch payment: hundreds of movements
+            balances.update([(p.account_id, p.asset) for p in event.postings])
+            movements = event.movements
+            instruments.update([m.instrument for m in movements])
+            positions.update([(m.account_id, m.instrument) for m in movements])
+            continue
         if isinstance(event, MoneyMovement):
             keys.balances.update((p.account_id, p.asset) for p in event.postings)
         if isinstance(event, AccountOpened | MarginModelChanged):
@@ -198,10 +204,6 @@ def touched(events: list[Event]) -> Touched:
                 keys.positions.add((leg.seller, leg.instrument))
         elif isinstance(event, MarkPublished):
             keys.marks.add(event.symbol)
-        elif isinstance(event, PositionsMoved):
-            for m in event.movements:
-                keys.instruments.add(m.instrument)
-                keys.positions.add((m.account_id, m.instrument))
         elif isinstance(event, InstrumentSettled):
             keys.instruments.add(event.symbol)
     return keys

@@ -17,7 +17,7 @@ from operator import attrgetter
 from clearing.domain.accounts import is_house
 from clearing.domain.commands import NewFact, account_stream
 from clearing.domain.events import MarginCallIssued, MarginStatusChanged
-from clearing.domain.ledger import LedgerState
+from clearing.domain.ledger import LedgerState, Position
 from clearing.domain.margin import (
     AccountMargin,
     HeldPosition,
@@ -68,7 +68,14 @@ def books(state: LedgerState, only: set[str] | None = None) -> dict[str, Book]:
     instruments = state.instruments
     linear = {symbol: i.is_linear_delta_one for symbol, i in instruments.items()}
     by_account: dict[str, list[HeldPosition]] = defaultdict(list)
-    for (account_id, symbol), position in state.positions.items():
+    positions: Iterable[tuple[tuple[str, str], Position]] = state.positions.items()
+    if only is not None and len(result) * len(instruments) < len(state.positions):
+        # A few accounts (the margin job after liquidation): their positions are looked up
+        # by key rather than the whole book walked; each book is sorted by symbol below.
+        every = state.positions
+        positions = [(key, every[key]) for account_id in result for symbol in instruments
+                     if (key := (account_id, symbol)) in every]
+    for (account_id, symbol), position in positions:
         if account_id not in result:
             continue
         quantity = position.quantity
