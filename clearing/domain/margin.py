@@ -215,17 +215,19 @@ def equity(collateral: Decimal, positions: Sequence[HeldPosition], market: Marke
     (q x mark - settlement_basis) x multiplier, + options' mark value q x multiplier x mark
     (long +, short -). Exact. Unmarked positions: see `position_price` (a future's VM is 0)."""
     total = collateral
+    marks = market.marks
     for held in positions:
         if held.quantity == 0:
             continue
         instrument = held.instrument
-        mark = market.marks.get(instrument.symbol)
+        mark = marks.get(instrument.symbol)
         if instrument.is_linear_delta_one:
             if mark is not None:
                 total += (held.quantity * mark.price - held.settlement_basis) \
                     * instrument.multiplier
         else:
-            total += held.quantity * instrument.multiplier * position_price(held, market.marks)
+            price = mark.price if mark is not None else position_price(held, marks)
+            total += held.quantity * instrument.multiplier * price
     return total
 
 
