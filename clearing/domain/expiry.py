@@ -103,14 +103,16 @@ def decide_settlements(state: LedgerState, at: datetime, batch_id: str,
     by_expiry: dict[datetime, dict[str, list[PositionMovement]]] = defaultdict(
         lambda: defaultdict(list))
     # Only the expiring positions are visited (not the book sorted: a million keys); each
-    # account's legs are put in symbol order below, and accounts are paid in order.
+    # account's legs are put in symbol order below, and accounts are paid in order. An
+    # instrument's payoff is the same for every holder: found once.
+    payoffs = {symbol: (state.instruments[symbol], payoff(state.instruments[symbol], price))
+               for symbol, price in prices.items()}
     for (account_id, symbol), position in state.positions.items():
-        if symbol not in prices or (position.quantity == 0
-                                    and position.settlement_basis == 0):
+        settling = payoffs.get(symbol)
+        if settling is None or (position.quantity == 0 and position.settlement_basis == 0):
             continue
-        instrument = state.instruments[symbol]
+        instrument, value = settling
         assert instrument.expiry is not None
-        value = payoff(instrument, prices[symbol])
         if instrument.is_option:
             amount = position.quantity * instrument.multiplier * value
         else:

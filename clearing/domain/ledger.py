@@ -181,6 +181,12 @@ def touched(events: list[Event]) -> Touched:
         if extra is not None:
             extra(event, keys)
             continue
+        if isinstance(event, PositionsMoved):  # a batch payment: hundreds of movements
+            balances.update([(p.account_id, p.asset) for p in event.postings])
+            movements = event.movements
+            instruments.update([m.instrument for m in movements])
+            positions.update([(m.account_id, m.instrument) for m in movements])
+            continue
         if isinstance(event, MoneyMovement):
             keys.balances.update((p.account_id, p.asset) for p in event.postings)
         if isinstance(event, AccountOpened | MarginModelChanged):
@@ -198,10 +204,6 @@ def touched(events: list[Event]) -> Touched:
                 keys.positions.add((leg.seller, leg.instrument))
         elif isinstance(event, MarkPublished):
             keys.marks.add(event.symbol)
-        elif isinstance(event, PositionsMoved):
-            for m in event.movements:
-                keys.instruments.add(m.instrument)
-                keys.positions.add((m.account_id, m.instrument))
         elif isinstance(event, InstrumentSettled):
             keys.instruments.add(event.symbol)
     return keys
@@ -377,11 +379,22 @@ def _margin_status_changed(state: LedgerState, fact: Fact, e: MarginStatusChange
 
 
 def _positions_moved(state: LedgerState, fact: Fact, e: PositionsMoved) -> None:
+    # An end of day folds a million movements twice (the job's own state, the read
+    # models): no Position is built unless missing, and a movement that leaves the quantity
+    # alone (mark-to-market) only moves the basis, as `move_position` would.
     post(state, fact, e)
+    positions, instruments = state.positions, state.instruments
     for m in e.movements:
-        multiplier = state.instruments[m.instrument].multiplier
-        position = state.positions.setdefault((m.account_id, m.instrument), Position())
-        move_position(position, m.quantity_change, m.price, multiplier, m.basis_change)
+        key = (m.account_id, m.instrument)
+        position = positions.get(key)
+        if position is None:
+            position = positions[key] = Position()
+        quantity = m.quantity_change
+        if quantity == 0:
+            position.settlement_basis += m.basis_change
+            continue
+        move_position(position, quantity, m.price, instruments[m.instrument].multiplier,
+                      m.basis_change)
 
 
 def _instrument_settled(state: LedgerState, fact: Fact, e: InstrumentSettled) -> None:

@@ -25,7 +25,6 @@ Decisions are made one after another on a working copy of the state, through the
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -91,12 +90,10 @@ class _Work:
         self.market = market_at(state, at)
         self.params = params_at(state, at)
         self._copied: set[tuple[str, str]] = set()
-        self.symbols: dict[str, set[str]] = defaultdict(set)
-        self.assets: dict[str, set[str]] = defaultdict(set)
-        for account_id, symbol in state.positions:
-            self.symbols[account_id].add(symbol)
-        for account_id, asset in state.balances:
-            self.assets[account_id].add(asset)
+        # An account's positions and balances are found by key, listed symbol by symbol and
+        # asset by asset: few accounts are looked at, and indexing a million positions by
+        # account would cost more than all of them.
+        self._assets = {asset: None for _, asset in state.balances}
 
     def apply(self, event: Event) -> None:
         if isinstance(event, PositionsMoved):
@@ -105,17 +102,18 @@ class _Work:
                 if key not in self._copied and key in self.state.positions:
                     self.state.positions[key] = replace(self.state.positions[key])
                 self._copied.add(key)
-                self.symbols[m.account_id].add(m.instrument)
         if isinstance(event, MoneyMovement):
             for p in event.postings:
-                self.assets[p.account_id].add(p.asset)
+                self._assets.setdefault(p.asset, None)
         evolve(self.state, _Fact(0, self.at, event))
         self.state.statement.clear()
 
     def held(self, account_id: str) -> list[HeldPosition]:
         """The account's positions as margin sees them (closed futures with basis left)."""
         found = []
-        for symbol in sorted(self.symbols.get(account_id, ())):
+        positions = self.state.positions
+        for symbol in sorted(s for s in self.state.instruments
+                             if (account_id, s) in positions):
             position = self.state.positions[(account_id, symbol)]
             instrument = self.state.instruments[symbol]
             if position.quantity == 0 and not (instrument.is_linear_delta_one
@@ -126,8 +124,9 @@ class _Work:
         return found
 
     def margin(self, account_id: str) -> AccountMargin:
-        balances = {a: self.state.balances[(account_id, a)]
-                    for a in self.assets.get(account_id, ())}
+        every = self.state.balances
+        balances = {a: every[(account_id, a)] for a in self._assets
+                    if (account_id, a) in every}
         model = self.state.accounts[account_id].margin_model
         return account_margin(model, balances, self.held(account_id), self.market, self.params)
 

@@ -215,17 +215,19 @@ def equity(collateral: Decimal, positions: Sequence[HeldPosition], market: Marke
     (q x mark - settlement_basis) x multiplier, + options' mark value q x multiplier x mark
     (long +, short -). Exact. Unmarked positions: see `position_price` (a future's VM is 0)."""
     total = collateral
+    marks = market.marks
     for held in positions:
         if held.quantity == 0:
             continue
         instrument = held.instrument
-        mark = market.marks.get(instrument.symbol)
+        mark = marks.get(instrument.symbol)
         if instrument.is_linear_delta_one:
             if mark is not None:
                 total += (held.quantity * mark.price - held.settlement_basis) \
                     * instrument.multiplier
         else:
-            total += held.quantity * instrument.multiplier * position_price(held, market.marks)
+            price = mark.price if mark is not None else position_price(held, marks)
+            total += held.quantity * instrument.multiplier * price
     return total
 
 
@@ -264,18 +266,43 @@ def _standard_per_position(held: HeldPosition, market: Market,
 
 
 def standard_requirement(positions: Sequence[HeldPosition], market: Market,
-                         params: RiskParameters) -> Requirement:
-    """SPEC 5 standard model: per position, each contribution rounded up to cents, summed."""
+                         params: RiskParameters,
+                         known: dict[tuple[str, Decimal, Decimal],
+                                     tuple[Instrument, Contribution]] | None = None
+                         ) -> Requirement:
+    """SPEC 5 standard model: per position, each contribution rounded up to cents, summed.
+
+    `known` (for many books against one market and one set of parameters) remembers each
+    contribution by what it depends on: the instrument, the quantity and the price it is
+    valued at. A book of a million positions repeats few of those (quantities and marks are
+    shared), and a contribution is rounded to the cent from exact products, so equal values
+    give the same contribution to the digit. It is keyed by symbol and kept with its
+    instrument, which must be the very one held (hashing an instrument costs more than the
+    contribution)."""
     contributions = []
+    marks = market.marks
     for held in positions:
         if held.quantity == 0:
             continue
-        initial, maintenance = _standard_per_position(held, market, params)
-        contributions.append(Contribution(held.instrument.symbol, requirement_usd(initial),
-                                          requirement_usd(maintenance)))
+        if known is None:
+            contributions.append(_standard_contribution(held, market, params))
+            continue
+        instrument = held.instrument
+        key = (instrument.symbol, held.quantity, position_price(held, marks))
+        entry = known.get(key)
+        if entry is None or entry[0] is not instrument:
+            entry = known[key] = (instrument, _standard_contribution(held, market, params))
+        contributions.append(entry[1])
     return Requirement(sum((c.initial for c in contributions), ZERO),
                        sum((c.maintenance for c in contributions), ZERO),
                        tuple(contributions), ())
+
+
+def _standard_contribution(held: HeldPosition, market: Market,
+                           params: RiskParameters) -> Contribution:
+    initial, maintenance = _standard_per_position(held, market, params)
+    return Contribution(held.instrument.symbol, requirement_usd(initial),
+                        requirement_usd(maintenance))
 
 
 # --- scenario revaluation (the portfolio model's engine; VaR uses it too) ------------------
@@ -634,10 +661,11 @@ def account_margins_many(models: Sequence[str], balances: Sequence[Mapping[str, 
     portfolio_index = [i for i, model in enumerate(models) if model == PORTFOLIO]
     batched = portfolio_requirements_many([books[i] for i in portfolio_index], market, params)
     requirements: dict[int, Requirement] = dict(zip(portfolio_index, batched, strict=True))
+    known: dict[tuple[str, Decimal, Decimal], tuple[Instrument, Contribution]] = {}
     results = []
     for i, model in enumerate(models):
         if model == STANDARD:
-            requirement = standard_requirement(books[i], market, params)
+            requirement = standard_requirement(books[i], market, params, known)
         elif model == PORTFOLIO:
             requirement = requirements[i]
         else:

@@ -12,11 +12,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 
 from clearing.domain.accounts import is_house
 from clearing.domain.commands import NewFact, account_stream
 from clearing.domain.events import MarginCallIssued, MarginStatusChanged
-from clearing.domain.ledger import LedgerState
+from clearing.domain.ledger import LedgerState, Position
 from clearing.domain.margin import (
     AccountMargin,
     HeldPosition,
@@ -59,24 +60,38 @@ def books(state: LedgerState, only: set[str] | None = None) -> dict[str, Book]:
         if not is_house(a) and a in state.accounts
     }
     for (account_id, asset), balance in state.balances.items():
-        if account_id in result:
-            result[account_id].balances[asset] = balance
+        book = result.get(account_id)
+        if book is not None:
+            book.balances[asset] = balance
+    # The whole book is walked (a million positions at end of day): each instrument's
+    # linearity is looked up once, not once per position.
+    instruments = state.instruments
+    linear = {symbol: i.is_linear_delta_one for symbol, i in instruments.items()}
     by_account: dict[str, list[HeldPosition]] = defaultdict(list)
-    for (account_id, symbol), position in state.positions.items():
+    positions: Iterable[tuple[tuple[str, str], Position]] = state.positions.items()
+    if only is not None and len(result) * len(instruments) < len(state.positions):
+        # A few accounts (the margin job after liquidation): their positions are looked up
+        # by key rather than the whole book walked; each book is sorted by symbol below.
+        every = state.positions
+        positions = [(key, every[key]) for account_id in result for symbol in instruments
+                     if (key := (account_id, symbol)) in every]
+    for (account_id, symbol), position in positions:
         if account_id not in result:
             continue
-        instrument = state.instruments[symbol]
+        quantity = position.quantity
         # A closed future still owes or is owed its variation margin until the next
         # mark-to-market pays it: it stays in the book (quantity 0, basis not yet settled).
-        if position.quantity == 0 and not (instrument.is_linear_delta_one
-                                           and position.settlement_basis != 0):
+        if quantity == 0 and not (linear[symbol] and position.settlement_basis != 0):
             continue
         by_account[account_id].append(HeldPosition(
-            instrument, position.quantity, position.settlement_basis,
+            instruments[symbol], quantity, position.settlement_basis,
             position.average_entry_price))
     for account_id, held in by_account.items():
-        result[account_id].positions.extend(sorted(held, key=lambda h: h.instrument.symbol))
+        result[account_id].positions.extend(sorted(held, key=_held_symbol))
     return result
+
+
+_held_symbol = attrgetter("instrument.symbol")
 
 
 def margin_of(state: LedgerState, account_id: str, at: datetime,

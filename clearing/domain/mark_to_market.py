@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Set
 from datetime import datetime
+from operator import itemgetter
 
 from clearing.domain.batch_payments import BatchFacts
 from clearing.domain.commands import NewFact
@@ -24,11 +25,12 @@ def open_positions_by_instrument(state: LedgerState, symbols: Set[str] | None = 
     holders of every option)."""
     holders: dict[str, list[tuple[str, Position]]] = defaultdict(list)
     for (account_id, symbol), position in state.positions.items():
-        if ((position.quantity != 0 or position.settlement_basis != 0)
-                and (symbols is None or symbol in symbols)):
+        # The symbol first: a set lookup turns most of a book away before any Decimal test.
+        if ((symbols is None or symbol in symbols)
+                and (position.quantity != 0 or position.settlement_basis != 0)):
             holders[symbol].append((account_id, position))
     for rows in holders.values():
-        rows.sort(key=lambda row: row[0])
+        rows.sort(key=itemgetter(0))
     return holders
 
 

@@ -87,7 +87,11 @@ class CarriedState:
 
     def moved_by(self, recorded: list[Event]) -> None:
         """Forget the margins of the accounts whose balances or positions these facts moved
-        (new marks and risk parameters are caught by `MarginMemo` itself)."""
+        (new marks and risk parameters are caught by `MarginMemo` itself). Nothing to forget
+        before a job has computed margins: the payments that come first (settle, mtm,
+        funding) move a million positions, not worth collecting then."""
+        if not self.margins.margins:
+            return
         keys = touched(recorded)
         self.margins.forget(keys.accounts)
         self.margins.forget(a for a, _ in keys.balances)

@@ -97,9 +97,14 @@ def run_jobs(ledger: Ledger, names: Sequence[str], at: datetime) -> list[JobRun]
     carried = CarriedState()
     runs = []
     with collector_paused(collect_after=True):
-        for name in names:
-            if name not in JOBS:
-                raise UnknownJob(name)
-            runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at, carried),
-                                  carried=carried))
+        try:
+            for name in names:
+                if name not in JOBS:
+                    raise UnknownJob(name)
+                runs.append(run_batch(ledger, name, at, JOBS[name](ledger, at, carried),
+                                      carried=carried))
+        finally:
+            # The book is let go before the closing collection, which then walks what is
+            # left rather than a million positions (0.6 s at end of day, freeing nothing).
+            carried.reset()
     return runs

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql as pg_sql
-from psycopg.rows import namedtuple_row
+from psycopg.rows import namedtuple_row, tuple_row
 from sqlalchemy import (
     Connection,
     Select,
@@ -75,12 +75,16 @@ class LedgerProjection:
         save_state(conn, tables, state, unchanged_from=before)
 
 
-def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any]) -> list[Any]:
+def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any],
+        plain: bool = False) -> list[Any]:
+    """The rows of `table` with these keys, each with the table's columns in order; with
+    `plain`, as bare tuples on PostgreSQL (no named tuple per row: a fold of a batch
+    payment reads a hundred thousand positions) and to be unpacked, not read by name."""
     keys = list(keys)
     if not keys:
         return []
     if conn.dialect.name == "postgresql":
-        return _in_postgresql(conn, table, columns, keys)
+        return _in_postgresql(conn, table, columns, keys, plain)
     rows: list[Any] = []
     query = _select_in(table, tuple(columns))
     for start in range(0, len(keys), KEY_CHUNK):
@@ -104,35 +108,41 @@ def _select_all(table: Table) -> Select[Any]:
 
 
 def _in_postgresql(conn: Connection, table: Table, columns: list[str],
-                   keys: list[Any]) -> list[Any]:
+                   keys: list[Any], plain: bool = False) -> list[Any]:
     """Rows by key through a join on unnested arrays: one statement, index lookups, however
     many keys (an IN list of row values is checked row by row)."""
     db = conn.connection.driver_connection
-    key_columns = [keys] if len(columns) == 1 else [[key[i] for key in keys]
-                                                   for i in range(len(columns))]
+    key_columns = [keys] if len(columns) == 1 else [list(c) for c in zip(*keys, strict=True)]
+    selected = tuple(c.name for c in table.columns)
     if len(columns) == 1 and not all(isinstance(key, str) for key in keys):
         params: tuple[Any, ...] = (keys,)  # not text (a position): psycopg sends the list
-        statement = _pg_select_by_keys(table.name, tuple(columns), textual=False)
+        statement = _pg_select_by_keys(table.name, selected, tuple(columns), textual=False)
     else:
         params = tuple(text_array(column) for column in key_columns)
-        statement = _pg_select_by_keys(table.name, tuple(columns), textual=True)
-    with db.cursor(row_factory=namedtuple_row) as cur:
+        statement = _pg_select_by_keys(table.name, selected, tuple(columns), textual=True)
+    with db.cursor(row_factory=tuple_row if plain else namedtuple_row) as cur:
         cur.execute(statement, params)
         return cur.fetchall()
 
 
 @lru_cache(maxsize=256)
-def _pg_select_by_keys(table: str, columns: tuple[str, ...], textual: bool) -> str:
-    """`_in_postgresql`'s statement, composed by psycopg once per table and key: keys are
-    bound as text[] array literals (`text_array`), or as a list when not text."""
+def _pg_select_by_keys(table: str, selected: tuple[str, ...], columns: tuple[str, ...],
+                       textual: bool) -> str:
+    """`_in_postgresql`'s statement, composed by psycopg once per table and key: the
+    `selected` columns (named, so that rows follow the table's description whatever the
+    stored column order), keys bound as text[] array literals (`text_array`), or as a list
+    when not text."""
     name = pg_sql.Identifier(table)
     if len(columns) == 1:
-        statement = pg_sql.SQL("SELECT * FROM {} WHERE {} = ANY({})").format(
+        statement = pg_sql.SQL("SELECT {} FROM {} WHERE {} = ANY({})").format(
+            pg_sql.SQL(", ").join(map(pg_sql.Identifier, selected)),
             name, pg_sql.Identifier(columns[0]),
             pg_sql.SQL("%s::text[]" if textual else "%s"))
     else:
         keys_as = [pg_sql.Identifier(f"k{i}") for i in range(len(columns))]
-        statement = pg_sql.SQL("SELECT t.* FROM {} t JOIN unnest({}) AS k({}) ON {}").format(
+        statement = pg_sql.SQL("SELECT {} FROM {} t JOIN unnest({}) AS k({}) ON {}").format(
+            pg_sql.SQL(", ").join(pg_sql.SQL("t.{}").format(pg_sql.Identifier(c))
+                                  for c in selected),
             name,
             pg_sql.SQL(", ").join(pg_sql.SQL("%s::text[]") for _ in columns),
             pg_sql.SQL(", ").join(keys_as),
@@ -160,13 +170,6 @@ def _plain_rows(conn: Connection, table: Table, columns: list[str],
         cur.execute(statement)
         while rows := cur.fetchmany(PLAIN_ROWS_PAGE):
             yield from rows
-
-
-def _shared(shared: dict[str, Decimal], text: str) -> Decimal:
-    value = shared.get(text)
-    if value is None:
-        value = shared[text] = Decimal(text)
-    return value
 
 
 def instrument_from_row(row: Any) -> Instrument:
@@ -219,10 +222,14 @@ def load_state(conn: Connection, tables: Tables, keys: Any) -> LedgerState:
         state.instruments[row.symbol] = instrument_from_row(row)
     for row in _in(conn, tables["settlements"], ["symbol"], keys.instruments):
         state.settlements[row.symbol] = row.settlement_price
-    for row in _in(conn, tables["balances"], ["account_id", "asset"], keys.balances):
-        state.balances[(row.account_id, row.asset)] = row.balance
-    for row in _in(conn, tables["positions"], ["account_id", "instrument"], keys.positions):
-        state.positions[(row.account_id, row.instrument)] = position_from_row(row)
+    balances, positions = state.balances, state.positions
+    for account_id, asset, balance in _in(conn, tables["balances"], ["account_id", "asset"],
+                                          keys.balances, plain=True):
+        balances[(account_id, asset)] = balance
+    for account_id, symbol, quantity, entry, basis, realised in _in(
+            conn, tables["positions"], ["account_id", "instrument"], keys.positions,
+            plain=True):
+        positions[(account_id, symbol)] = Position(quantity, entry, basis, realised)
     for row in _in(conn, tables["marks"], ["symbol"], keys.marks):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     _load_trades(state, _in(conn, tables["trade_legs"], ["trade_id"], keys.trades))
@@ -499,15 +506,24 @@ def load_full_state(conn: Connection, tables: Tables, with_statement: bool = Tru
     # Quantities, entry prices and realised P&L repeat across a book's positions: read as
     # their exact text, each distinct figure becomes one Decimal shared by every position
     # holding it (Decimals are immutable; the text keeps 1.5 and 1.50 apart).
+    # (The lookups are written out, not called: this loop runs once per position.)
     shared: dict[str, Decimal] = {}
+    known = shared.get
     for account_id, symbol, quantity, entry, basis, realised in _plain_rows(
             conn, tables["positions"], ["account_id", "instrument", "quantity",
                                         "average_entry_price", "settlement_basis",
                                         "realised_pnl"],
             as_text={"quantity", "average_entry_price", "realised_pnl"}):
-        positions[(intern(account_id), intern(symbol))] = Position(
-            _shared(shared, quantity), _shared(shared, entry), basis,
-            _shared(shared, realised))
+        q = known(quantity)
+        if q is None:
+            q = shared[quantity] = Decimal(quantity)
+        e = known(entry)
+        if e is None:
+            e = shared[entry] = Decimal(entry)
+        r = known(realised)
+        if r is None:
+            r = shared[realised] = Decimal(realised)
+        positions[(intern(account_id), intern(symbol))] = Position(q, e, basis, r)
     for row in conn.execute(_select_all(tables["marks"])):
         state.marks[row.symbol] = Mark(row.price, row.iv, row.marked_at, row.position)
     if with_trades:

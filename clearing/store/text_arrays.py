@@ -9,12 +9,11 @@ server parses it, behind a constant `%s::text[]` in the statement.
 
 from __future__ import annotations
 
-_NEEDS_ESCAPE = ('"', "\\")
-
 
 def text_array(values: list[str]) -> str:
     """`values` as a PostgreSQL text[] literal, to bind to a `%s::text[]` parameter."""
     joined = '","'.join(values)
-    if any(mark in joined for mark in _NEEDS_ESCAPE):
+    # The separators hold two quotes each: more than theirs means a value holds one.
+    if "\\" in joined or joined.count('"') != 2 * (len(values) - 1):
         joined = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
     return '{"' + joined + '"}' if values else "{}"
