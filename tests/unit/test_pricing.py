@@ -101,7 +101,9 @@ def test_value_is_finite_and_within_no_arbitrage_bounds(
     assert value.price >= price(option_type, forward, strike, 0.0, t_years, rate)
     assert value.gamma >= 0 and value.vega >= 0
     if rate == 0.0:
-        assert value.theta <= 0  # without carry, time passing never adds value
+        # Without carry, time passing never adds value: theta is a difference of two prices,
+        # so it may show their rounding (a deep put worth 3.6e6 to the last bit), no more.
+        assert value.theta <= 1e-12 * ceiling
 
 
 def test_volatility_never_makes_an_option_worth_less_than_the_deterministic_forward():
