@@ -31,7 +31,7 @@ from clearing.projections import tables as t
 from clearing.projections.ledger import _load_trades, instrument_from_row
 from clearing.domain.ledger import LedgerState
 from clearing.projections.runner import ProjectionRunner
-from clearing.store.database import open_database
+from clearing.store.database import open_database, read_connection
 from clearing.store.errors import IdempotencyConflict
 from clearing.store.eventstore import AppendResult, EventStore, PendingEvent, utc_now
 from clearing.store.tables import events
@@ -93,21 +93,21 @@ class Ledger:
     # ------------------------------------------------------------ what decisions read
 
     def account(self, account_id: str) -> Account | None:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(_ACCOUNT, {"account_id": account_id}).first()
         return None if row is None else Account(row.account_id, row.owner, row.margin_model)
 
     def account_ids(self) -> set[str]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return set(conn.execute(_ACCOUNT_IDS).scalars())
 
     def instruments(self) -> dict[str, Instrument]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return {row.symbol: instrument_from_row(row)
                     for row in conn.execute(_INSTRUMENTS)}
 
     def balance(self, account_id: str, asset: str) -> Decimal:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             value = conn.execute(_BALANCE, {"account_id": account_id, "asset": asset}
                                  ).scalar_one_or_none()
         return Decimal(0) if value is None else value
@@ -143,7 +143,7 @@ class Ledger:
         from clearing.store.tables import events
 
         found: set[str] = set()
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             for start in range(0, len(keys), 900):
                 chunk = keys[start:start + 900]
                 found.update(conn.execute(select(events.c.idempotency_key).where(
@@ -157,7 +157,7 @@ class Ledger:
         from clearing.projections.ledger import load_full_state
 
         self.refresh()
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             latest = conn.execute(_LATEST_EFFECTIVE).scalar_one_or_none()
         if latest is not None and latest > at:
             return replay(self.store, ReplayBounds(as_of=at))
@@ -166,12 +166,12 @@ class Ledger:
                                    with_statement=False, with_trades=False)
 
     def settled_instruments(self) -> set[str]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return set(conn.execute(_SETTLED).scalars())
 
     def trade(self, trade_id: str) -> TradeRecord | None:
         state = LedgerState()
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             _load_trades(state, conn.execute(_TRADE_LEGS, {"trade_id": trade_id}))
         return state.trades.get(trade_id)
 
@@ -195,7 +195,7 @@ class Ledger:
         self.refresh()
         if not self.store.is_postgresql or not result.positions:
             return
-        target = self.store.log_position_of(max(result.positions))
+        target = result.log_end or self.store.log_position_of(max(result.positions))
         deadline = time.monotonic() + VISIBILITY_WAIT_S
         while self.runner.reached("ledger") < target:
             if time.monotonic() > deadline:

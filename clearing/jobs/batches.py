@@ -47,6 +47,7 @@ from clearing.domain.events import BatchCompleted
 from clearing.domain.event import Event
 from clearing.domain.ledger import LedgerState, evolve, touched
 from clearing.domain.margin_sweep import MarginMemo
+from clearing.store.database import read_connection
 from clearing.store.eventstore import LogPosition
 from clearing.store.tables import events
 
@@ -124,11 +125,11 @@ def job_lock(ledger: Ledger, job: str) -> Iterator[None]:
     database-wide, so its key names the ledger's schema too: ledgers in two schemas of one
     database do not wait for each other."""
     if ledger.engine.dialect.name == "postgresql":
-        with ledger.engine.connect() as conn:
-            schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+        with read_connection(ledger.engine) as conn:
+            schema = conn.execute(text("SELECT current_schema(), "
+                                       "set_config('lock_timeout', :timeout, false)"),
+                                  {"timeout": f"{LOCK_TIMEOUT_S}s"}).first()[0]
             key = zlib.crc32(f"{schema}/{job}".encode()) & 0x7FFFFFFF
-            conn.execute(text("SELECT set_config('lock_timeout', :timeout, false)"),
-                         {"timeout": f"{LOCK_TIMEOUT_S}s"})
             conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"),
                          {"ns": JOB_LOCK_NAMESPACE, "k": key})
             conn.commit()
@@ -150,7 +151,7 @@ def job_lock(ledger: Ledger, job: str) -> Iterator[None]:
 
 
 def is_completed(ledger: Ledger, batch_id: str) -> bool:
-    with ledger.engine.connect() as conn:
+    with read_connection(ledger.engine) as conn:
         return conn.execute(select(events.c.position).where(
             events.c.idempotency_key == completion_key(batch_id))).first() is not None
 
@@ -162,7 +163,7 @@ def written_so_far(ledger: Ledger, batch_id: str, at: datetime) -> list[LogPosit
     prefix test in Python, exact whatever the database's collation."""
     prefix = batch_id + ":"
     closing = completion_key(batch_id)
-    with ledger.engine.connect() as conn:
+    with read_connection(ledger.engine) as conn:
         rows = conn.execute(
             select(events.c.txid, events.c.position, events.c.idempotency_key)
             .where(events.c.effective_at == at)).all()
@@ -181,7 +182,7 @@ def await_committed_log(ledger: Ledger, timeout_s: float = VISIBILITY_TIMEOUT_S)
     store = ledger.store
     if not store.is_postgresql:
         return
-    with ledger.engine.connect() as conn:
+    with read_connection(ledger.engine) as conn:
         newest = conn.execute(select(func.max(events.c.txid))).scalar_one_or_none()
     if newest is None:
         return

@@ -26,10 +26,10 @@ from sqlalchemy import Connection, MetaData, Table, bindparam, inspect, select, 
 from clearing.domain.ledger import Fact
 from clearing.projections.ledger import LedgerProjection, Tables
 from clearing.store.eventstore import START, EventStore, LogPosition
-from clearing.store.database import write_transaction
+from clearing.store.database import read_connection, write_transaction
 from clearing.store.failures import retrying
 from clearing.store.testhooks import PAUSE_IN_PROJECTION_ENV, pause_at
-from clearing.store.tables import checkpoints
+from clearing.store.tables import checkpoints, events
 
 PAGE_SIZE = 5_000
 SHADOW_SUFFIX = "__rebuild"
@@ -39,9 +39,25 @@ SHADOW_SUFFIX = "__rebuild"
 # cached, so they would be compiled again on every call.
 _READ_CHECKPOINT = select(checkpoints.c.txid, checkpoints.c.position).where(
     checkpoints.c.name == bindparam("name"))
-_LOCK_CHECKPOINT = _READ_CHECKPOINT.with_for_update()
+_LOG_HEAD = select(events.c.txid, events.c.position).order_by(
+    events.c.txid.desc(), events.c.position.desc()).limit(1)
+_PROBE_CHECKPOINT = select(
+    checkpoints.c.txid, checkpoints.c.position,
+    _LOG_HEAD.with_only_columns(events.c.txid).scalar_subquery().label("head_txid"),
+    _LOG_HEAD.with_only_columns(events.c.position).scalar_subquery().label("head_position"),
+).where(checkpoints.c.name == bindparam("name"))
+"""A checkpoint and the last visible fact of the log, in one query (two one-row index probes): a
+catch-up with nothing to do, the common case, costs this one round trip. Facts still in
+flight cannot hide below a checkpoint: readers stop below the oldest append in flight, so a
+checkpoint is always older than any append not yet committed."""
 _ADD_CHECKPOINT = text("INSERT INTO checkpoints (name, txid, position) VALUES (:name, 0, 0) "
                        "ON CONFLICT (name) DO NOTHING")
+_CLAIM_CHECKPOINT_PG = text(
+    "INSERT INTO checkpoints (name, txid, position) VALUES (:name, 0, 0) "
+    "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING txid, position")
+"""PostgreSQL: add the checkpoint if missing and lock it, in one statement (an upsert locks
+the row it meets and returns it as it stands once the lock is granted, as SELECT ... FOR
+UPDATE would)."""
 _SAVE_CHECKPOINT = text("UPDATE checkpoints SET txid = :txid, position = :position "
                         "WHERE name = :name")
 
@@ -79,9 +95,13 @@ class ProjectionRunner:
         tables = {t.name: t for t in projection.tables}
         applied = 0
         while True:
-            with self.engine.connect() as conn:
-                checkpoint = self._read_checkpoint(conn, projection.name)
-                conn.rollback()
+            with read_connection(self.engine) as conn:
+                probe = conn.execute(_PROBE_CHECKPOINT, {"name": projection.name}).first()
+                checkpoint = self._note(projection.name, START if probe is None else
+                                        LogPosition(int(probe.txid), int(probe.position)))
+                if probe is not None and (probe.head_txid is None or (
+                        probe.head_txid, probe.head_position) <= (probe.txid, probe.position)):
+                    return applied
                 page = self.store.read_page(conn, checkpoint, self.page_size)
             if not page:
                 return applied
@@ -97,7 +117,7 @@ class ProjectionRunner:
                 return applied  # the log held nothing more when this page was read
 
     def checkpoint(self, name: str) -> LogPosition:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return self._read_checkpoint(conn, name)
 
     def reached(self, name: str) -> LogPosition:
@@ -115,9 +135,11 @@ class ProjectionRunner:
         return at
 
     def _lock_checkpoint(self, conn: Connection, name: str) -> LogPosition:
-        conn.execute(_ADD_CHECKPOINT, {"name": name})
-        query = _LOCK_CHECKPOINT if conn.dialect.name == "postgresql" else _READ_CHECKPOINT
-        row = conn.execute(query, {"name": name}).one()
+        if conn.dialect.name == "postgresql":
+            row = conn.execute(_CLAIM_CHECKPOINT_PG, {"name": name}).one()
+        else:  # the write transaction already holds SQLite's one write lock
+            conn.execute(_ADD_CHECKPOINT, {"name": name})
+            row = conn.execute(_READ_CHECKPOINT, {"name": name}).one()
         return self._note(name, LogPosition(int(row.txid), int(row.position)))
 
     def _save_checkpoint(self, conn: Connection, name: str, at: LogPosition) -> None:

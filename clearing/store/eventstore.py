@@ -40,7 +40,7 @@ import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -77,7 +77,7 @@ from clearing.store.failures import (
 from clearing.store.event_ids import event_id_for
 from clearing.store.hashchain import GENESIS_HASH, chain_hash, envelope_bytes
 from clearing.store.copy_text import copy_buffer
-from clearing.store.database import write_transaction
+from clearing.store.database import read_connection, write_transaction
 from clearing.store.testhooks import PAUSE_IN_APPEND_ENV, pause_at
 from clearing.store.tables import events, streams
 from clearing.store.text_arrays import text_array
@@ -244,6 +244,10 @@ class AppendResult:
 
     positions: tuple[int, ...]
     written: int
+    log_end: LogPosition | None = None
+    """Where the last event of the append is in log order, when the append knows it without
+    a query: on PostgreSQL, an append that wrote every one of its events (its transaction id
+    is theirs)."""
 
     @property
     def duplicates(self) -> int:
@@ -393,9 +397,11 @@ class EventStore:
         if self.is_postgresql and not check_keys:
             # The common case (new facts): locks, stream heads and positions in one round
             # trip; the unique index on keys is the check (see `append`).
-            heads, new_positions = self._lock_and_allocate(db, stream_ids, len(prepared))
+            heads, new_positions, txid = self._lock_and_allocate(db, stream_ids,
+                                                                 len(prepared))
             self._check_expected(heads, expected)
-            return self._write(db, prepared, positions, heads, new_positions, claimed, 0)
+            result = self._write(db, prepared, positions, heads, new_positions, claimed, 0)
+            return replace(result, log_end=LogPosition(txid, max(new_positions)))
         if self.is_postgresql:
             self._lock_streams(db, stream_ids)
         existing = self._existing_keys(db, [p.idempotency_key for p in prepared])
@@ -471,19 +477,22 @@ class EventStore:
             _take_stream_locks(cur, stream_ids)
 
     def _lock_and_allocate(self, db: Any, stream_ids: list[str], count: int,
-                           ) -> tuple[dict[str, tuple[int, str]], list[int]]:
-        """`_lock_streams`, `_stream_heads` and `_allocate_positions` pipelined: sent
-        together, in that order, and answered in one round trip."""
+                           ) -> tuple[dict[str, tuple[int, str]], list[int], int]:
+        """`_lock_streams`, `_stream_heads` and `_allocate_positions` pipelined, with the
+        transaction's id (the `txid` its events get): sent together, in that order, and
+        answered in one round trip."""
         with db.pipeline() as pipeline, db.cursor() as locks, db.cursor() as heads_cur, \
-                db.cursor() as positions_cur:
+                db.cursor() as positions_cur, db.cursor() as txid_cur:
             _take_stream_locks(locks, stream_ids)
             heads_cur.execute(_STREAM_HEADS_PG, (text_array(stream_ids),))
             positions_cur.execute(_ALLOCATE_POSITIONS_PG, (count,))
+            txid_cur.execute(_CURRENT_TXID_PG)
             pipeline.sync()
             heads = {stream_id: (version, last_hash)
                      for stream_id, version, last_hash in heads_cur.fetchall()}
             new_positions = sorted(int(r[0]) for r in positions_cur.fetchall())
-        return heads, new_positions
+            txid = int(txid_cur.fetchone()[0])
+        return heads, new_positions, txid
 
     def _existing_keys(self, db: Any, keys: list[str]) -> dict[str, tuple[int, str, str, str]]:
         found: dict[str, tuple[int, str, str, str]] = {}
@@ -561,7 +570,7 @@ class EventStore:
         reconnects = 0
         while True:
             try:
-                with self.engine.connect() as conn:
+                with read_connection(self.engine) as conn:
                     # One bound serves the whole read: every event below it is from a
                     # transaction that had finished when it was taken, so later pages may
                     # use it safely.
@@ -597,7 +606,7 @@ class EventStore:
         SQLite, where writers are serialised and nothing commits out of order)."""
         if not self.is_postgresql:
             return None
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return self._visible_bound(conn)
 
     def _visible_bound(self, conn: Connection) -> int | None:
@@ -645,7 +654,7 @@ class EventStore:
                       conn: Connection | None = None, remember: bool = True
                       ) -> list[RecordedEvent]:
         if conn is None:
-            with self.engine.connect() as own:
+            with read_connection(self.engine) as own:
                 return self._query_events(sql, params, own)
         # PostgreSQL sends the rows in binary: its integers and timestamps then decode
         # without parsing text, a fifth of the fetch's cost on a long read.
@@ -674,7 +683,7 @@ class EventStore:
             (stream_id, after_version))
 
     def stream_version(self, stream_id: str) -> int:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             version = conn.execute(
                 select(streams.c.version).where(streams.c.stream_id == stream_id)
             ).scalar_one_or_none()
@@ -682,7 +691,7 @@ class EventStore:
 
     def log_position_of(self, position: int) -> LogPosition:
         """The log order key of the event at `position` (for `--until POSITION`)."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             txid = conn.execute(
                 select(events.c.txid).where(events.c.position == position)
             ).scalar_one_or_none()
@@ -697,12 +706,12 @@ class EventStore:
         if bound is not None:
             query = query.where(events.c.txid < bound)
         query = query.order_by(events.c.txid.desc(), events.c.position.desc()).limit(1)
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(query).first()
         return START if row is None else LogPosition(int(row.txid), int(row.position))
 
     def count(self) -> int:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return int(conn.execute(select(func.count()).select_from(events)).scalar_one())
 
 
@@ -734,6 +743,8 @@ _ALLOCATE_POSITIONS_PG = (
 """Positions for an append. The sequence is looked up once in a subquery (OFFSET 0 keeps
 the planner from pulling the lookup into the row loop, where it cost four fifths of the
 statement's time)."""
+_CURRENT_TXID_PG = "SELECT pg_current_xact_id()::text::bigint"
+"""The id the events of this transaction are stored with (the `txid` column's default)."""
 _STREAM_HEADS_PG = ("SELECT stream_id, version, last_hash FROM streams "
                     "WHERE stream_id = ANY(%s::text[])")
 _STREAM_HEADS_SQLITE = ("SELECT stream_id, version, last_hash FROM streams "

@@ -45,6 +45,7 @@ from clearing.domain.event import catalogue
 from clearing.domain.ledger import LedgerState, StatementLine, Touched, evolve
 from clearing.projections import tables as t
 from clearing.projections.ledger import change_from_row, load_full_state, load_state
+from clearing.store.database import read_connection
 from clearing.store.eventstore import RecordedEvent
 from clearing.store.hashchain import GENESIS_HASH, chain_hash, envelope_bytes
 from clearing.store.tables import events
@@ -135,8 +136,9 @@ class Checker:
 
     def after_step(self, step: Step, outcome: Outcome) -> int:
         """Every cheap check; returns the number of events the step appended. The reads
-        share one connection (one checkout, not three, per step)."""
-        with self.engine.connect() as conn:
+        share one connection (one checkout, not three, per step), in autocommit on
+        PostgreSQL: each is one query, and no step runs meanwhile."""
+        with read_connection(self.engine) as conn:
             new = self._new_events(conn)
             self._expected_effect(step, outcome, len(new))
             for recorded in new:
