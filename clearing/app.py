@@ -154,16 +154,14 @@ class Ledger:
         """The ledger's state as of `at`: the read models when nothing recorded is effective
         later, else a replay of the log up to `at` (a job run for a past moment)."""
         from clearing.backoffice.replay import ReplayBounds, replay
-        from clearing.projections.ledger import load_full_state
+        from clearing.projections.kept import LEDGER_CHECKPOINT, current_state
 
         self.refresh()
         with read_connection(self.engine) as conn:
             latest = conn.execute(_LATEST_EFFECTIVE).scalar_one_or_none()
         if latest is not None and latest > at:
             return replay(self.store, ReplayBounds(as_of=at))
-        with self.engine.connect() as conn:
-            return load_full_state(conn, {x.name: x for x in t.LEDGER_TABLES},
-                                   with_statement=False, with_trades=False)
+        return current_state(self.store, self.runner.reached(LEDGER_CHECKPOINT))
 
     def settled_instruments(self) -> set[str]:
         with read_connection(self.engine) as conn:

@@ -215,7 +215,6 @@ def serve(db: str | None, schedule: Schedule, since: datetime | None = None,
     interrupted). Returns what the first catch-up did."""
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-    from apscheduler.schedulers.blocking import BlockingScheduler
     from apscheduler.triggers.combining import OrTrigger
 
     global _serving_url
@@ -237,7 +236,7 @@ def serve(db: str | None, schedule: Schedule, since: datetime | None = None,
     jobstore = SQLAlchemyJobStore(engine=jobstore_engine, tablename=JOBSTORE_TABLE)
     with job_lock(ledger, "scheduler-table"):
         jobstore.jobs_t.create(jobstore_engine, checkfirst=True)
-    scheduler = BlockingScheduler(
+    scheduler = _stoppable_scheduler(
         timezone=UTC,
         jobstores={"default": jobstore},
         executors={"default": ThreadPoolExecutor(max_workers=2)},
@@ -248,7 +247,7 @@ def serve(db: str | None, schedule: Schedule, since: datetime | None = None,
                       name="clearing jobs (catch up every due batch)", replace_existing=True)
     stopper = None
     if until is not None:  # a timer, not a job: it lets a tick in progress finish first
-        stopper = threading.Timer((until - clock()).total_seconds(), scheduler.shutdown)
+        stopper = threading.Timer((until - clock()).total_seconds(), scheduler.stop)
         stopper.daemon = True
         stopper.start()
     logger.info("scheduler started (%s schedule)%s", schedule.source,
@@ -264,3 +263,33 @@ def serve(db: str | None, schedule: Schedule, since: datetime | None = None,
             scheduler.shutdown()
         ledger.engine.dispose()
     return first
+
+
+
+def _stoppable_scheduler(**options: Any) -> Any:
+    """A blocking scheduler that another thread may stop at any moment (`stop`).
+
+    APScheduler's own `shutdown` from another thread can land while the scheduler's loop is
+    handing a due tick to the executors it has just shut down ("cannot schedule new futures
+    after shutdown", a traceback in the log); here the loop's pass over the due jobs and the
+    stop exclude each other, and a pass after the stop does nothing."""
+    from apscheduler.schedulers.base import STATE_STOPPED
+    from apscheduler.schedulers.blocking import BlockingScheduler
+
+    class StoppableScheduler(BlockingScheduler):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._stopping = threading.Lock()
+
+        def _process_jobs(self) -> float | None:
+            with self._stopping:
+                if self.state == STATE_STOPPED:
+                    return None
+                return super()._process_jobs()  # type: ignore[no-any-return]
+
+        def stop(self) -> None:
+            with self._stopping:
+                if self.running:
+                    self.shutdown()
+
+    return StoppableScheduler(**options)

@@ -44,6 +44,7 @@ from clearing.domain.clock import storage_time
 from clearing.domain.event import catalogue
 from clearing.domain.ledger import LedgerState, StatementLine, Touched, evolve
 from clearing.projections import tables as t
+from clearing.projections.kept import current_state
 from clearing.projections.ledger import change_from_row, load_full_state, load_state
 from clearing.store.database import read_connection
 from clearing.store.eventstore import RecordedEvent
@@ -352,6 +353,21 @@ class Checker:
 
     # ------------------------------------------------------------ every K steps
 
+    @staticmethod
+    def _check_kept_book(ledger: Ledger, stored: LedgerState) -> None:
+        """The book the process keeps between commands (what jobs and withdrawals decide
+        from) against the read models, value and representation alike (1.5 is not 1.50)."""
+        ledger.refresh()
+        kept = current_state(ledger.store, ledger.runner.reached("ledger"))
+        for name in ("accounts", "instruments", "balances", "positions", "marks",
+                     "risk_changes", "margin_states", "settlements"):
+            mine = sorted((repr(k), repr(v)) for k, v in getattr(kept, name).items())
+            theirs = sorted((repr(k), repr(v)) for k, v in getattr(stored, name).items())
+            if mine != theirs:
+                wrong = sorted(set(mine) ^ set(theirs))[:DIFFERENCES_SHOWN]
+                raise InvariantBroken(f"the kept book differs from the read models in "
+                                      f"{name}: {wrong}")
+
     def full_check(self, ledger: Ledger) -> None:
         """`clearing verify` in full, and every read model against the checker's fold."""
         failed = [c for c in verify(ledger) if not c.ok]
@@ -368,6 +384,7 @@ class Checker:
         if stored_events != self.events:
             raise InvariantBroken(f"the log holds {stored_events} events; the checker read "
                                   f"{self.events}")
+        self._check_kept_book(ledger, stored)
         self._check_all_positions()
         for name in MODELS:
             getattr(self.state, name).take()

@@ -1,0 +1,132 @@
+"""The ledger's whole state kept in memory by a process from one command to the next.
+
+A job, a withdrawal check or a risk parameter change decides from the whole book
+(`Ledger.state_at`). Reading every read-model row again for each of them cost a long-running
+process (the scheduler, a simulation) more than the decisions themselves. So the first read
+is kept, labelled with the log position its rows stand at, and each later read moves it
+forward by folding the facts recorded since with the projection's own `evolve`: it cannot
+drift from the read models, which are that same fold stored.
+
+What a caller gets is a copy it may change. A book of more than `KEPT_ROWS_MAX` rows (an
+end of day over a million positions) is not kept: a second copy of it would cost more memory
+than reading it costs time, so it is read afresh each time, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from weakref import WeakKeyDictionary
+
+from sqlalchemy import Engine, select
+
+from clearing.domain.ledger import LedgerState, Position, evolve
+from clearing.projections import tables as t
+from clearing.projections.ledger import load_full_state
+from clearing.store.eventstore import START, EventStore, LogFilter, LogPosition
+from clearing.store.tables import checkpoints
+
+KEPT_ROWS_MAX = 100_000
+"""Balances, positions and trade legs above which the state is not kept (see the module)."""
+LEDGER_CHECKPOINT = "ledger"
+
+_CHECKPOINT = select(checkpoints.c.txid, checkpoints.c.position).where(
+    checkpoints.c.name == LEDGER_CHECKPOINT)
+_TABLES = {x.name: x for x in t.LEDGER_TABLES}
+
+
+@dataclass
+class _Kept:
+    state: LedgerState
+    at: LogPosition
+    last_hash: str | None
+    """The hash of the fact at `at` (None at the start of the log): a log that no longer
+    holds that fact there (a database recreated under the same engine) is not this state's."""
+
+
+_KEPT: WeakKeyDictionary[Engine, _Kept] = WeakKeyDictionary()
+
+
+def current_state(store: EventStore, at: LogPosition) -> LedgerState:
+    """The read models' state as of log position `at` (every fact up to it applied), as a
+    new object the caller may change; statement lines and trades left out, as
+    `load_full_state(with_statement=False, with_trades=False)` leaves them."""
+    kept = _KEPT.get(store.engine)
+    if kept is not None and not _move_to(store, kept, at):
+        kept = None
+        _KEPT.pop(store.engine, None)
+    if kept is None:
+        loaded = _load(store)
+        if loaded is None:
+            return _load_uncounted(store)
+        kept = loaded
+        if not _move_to(store, kept, at):  # the log moved on before the load: read it again
+            return _load_uncounted(store)
+        _KEPT[store.engine] = kept
+    return _copy(kept.state)
+
+
+def forget(engine: Engine) -> None:
+    """Drop what is kept for `engine` (tests that rebuild a database under one engine)."""
+    _KEPT.pop(engine, None)
+
+
+def _load(store: EventStore) -> _Kept | None:
+    """The read models and the checkpoint they stand at, read in one snapshot; None when
+    the book is too big to keep."""
+    with store.engine.connect() as conn:
+        if store.is_postgresql:
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        row = conn.execute(_CHECKPOINT).first()
+        state = load_full_state(conn, _TABLES, with_statement=False, with_trades=True)
+    if len(state.balances) + len(state.positions) + len(state.trades) > KEPT_ROWS_MAX:
+        return None
+    state.keeps_statement = False
+    at = START if row is None else LogPosition(int(row.txid), int(row.position))
+    return _Kept(state, at, None if at == START else _hash_at(store, at))
+
+
+def _load_uncounted(store: EventStore) -> LedgerState:
+    with store.engine.connect() as conn:
+        return load_full_state(conn, _TABLES, with_statement=False, with_trades=False)
+
+
+def _hash_at(store: EventStore, at: LogPosition) -> str | None:
+    just_before = LogPosition(at.txid, at.position - 1)
+    for recorded in store.read_all(just_before, bounds=LogFilter(until=at), limit=1):
+        return recorded.hash if recorded.position == at.position else None
+    return None
+
+
+def _move_to(store: EventStore, kept: _Kept, at: LogPosition) -> bool:
+    """Fold the facts after `kept.at` up to `at` into the kept state; False when it cannot
+    be this log's state (the log does not hold its last fact, or `at` is behind it)."""
+    if at < kept.at:
+        return False
+    if at == kept.at and kept.at == START:
+        return True
+    # Read from the kept fact itself, to check it is still there.
+    after = START if kept.at == START else LogPosition(kept.at.txid, kept.at.position - 1)
+    first = kept.at != START
+    for recorded in store.read_all(after, bounds=LogFilter(until=at)):
+        if first:
+            if recorded.position != kept.at.position or recorded.hash != kept.last_hash:
+                return False
+            first = False
+            continue
+        evolve(kept.state, recorded)
+        kept.at, kept.last_hash = recorded.log_position, recorded.hash
+    return not first
+
+
+def _copy(state: LedgerState) -> LedgerState:
+    return LedgerState(
+        accounts=dict(state.accounts),
+        instruments=dict(state.instruments),
+        balances=dict(state.balances),
+        positions={key: Position(p.quantity, p.average_entry_price, p.settlement_basis,
+                                 p.realised_pnl) for key, p in state.positions.items()},
+        marks=dict(state.marks),
+        risk_changes=dict(state.risk_changes),
+        margin_states=dict(state.margin_states),
+        settlements=dict(state.settlements),
+    )
