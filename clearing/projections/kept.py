@@ -14,15 +14,16 @@ than reading it costs time, so it is read afresh each time, as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, select
 
-from clearing.domain.ledger import LedgerState, Position, evolve
+from clearing.domain.ledger import LedgerState, Position, TradeRecord, Touched, evolve
 from clearing.projections import tables as t
 from clearing.projections.ledger import load_full_state
-from clearing.store.eventstore import START, EventStore, LogFilter, LogPosition
+from clearing.store.eventstore import START, EventStore, LogFilter, LogPosition, RecordedEvent
 from clearing.store.tables import checkpoints
 
 KEPT_ROWS_MAX = 100_000
@@ -63,6 +64,46 @@ def current_state(store: EventStore, at: LogPosition) -> LedgerState:
             return _load_uncounted(store)
         _KEPT[store.engine] = kept
     return _copy(kept.state)
+
+
+def rows_known_at(engine: Engine, at: LogPosition, at_hash: str | None
+                  ) -> Callable[[Touched], LedgerState | None]:
+    """For the ledger projection applying facts after `at` (its checkpoint, locked; `at_hash`
+    the hash of the fact there): the rows it would read for a set of keys, taken from the
+    kept state when that stands exactly there (it is then the read models' state), else
+    None (read them)."""
+    def known(keys: Touched) -> LedgerState | None:
+        kept = _standing_at(engine, at, at_hash)
+        return None if kept is None else _subset(kept.state, keys)
+    return known
+
+
+def applied(engine: Engine, at: LogPosition, at_hash: str | None,
+            facts: Sequence[RecordedEvent], folded: LedgerState) -> None:
+    """The ledger projection committed `facts` (after `at`), leaving the rows they touch as
+    `folded`: a kept state standing at `at` takes those rows and moves to the last fact.
+    (`evolve` reads and writes only the touched rows, so this is the fold of `facts`.)"""
+    kept = _standing_at(engine, at, at_hash)
+    if kept is None or not facts:
+        return
+    state = kept.state
+    for name in _MODELS:
+        getattr(state, name).update(getattr(folded, name))
+    state.trades.update(folded.trades)
+    kept.at, kept.last_hash = facts[-1].log_position, facts[-1].hash
+
+
+def _standing_at(engine: Engine, at: LogPosition, at_hash: str | None) -> _Kept | None:
+    """The kept state if it stands at `at`, the fact whose hash is `at_hash`; a kept state
+    at the same position of another log (a database recreated under one engine) is
+    dropped."""
+    kept = _KEPT.get(engine)
+    if kept is None or kept.at != at:
+        return None
+    if kept.last_hash != at_hash:
+        _KEPT.pop(engine, None)
+        return None
+    return kept
 
 
 def forget(engine: Engine) -> None:
@@ -116,6 +157,36 @@ def _move_to(store: EventStore, kept: _Kept, at: LogPosition) -> bool:
         evolve(kept.state, recorded)
         kept.at, kept.last_hash = recorded.log_position, recorded.hash
     return not first
+
+
+_MODELS = ("accounts", "instruments", "balances", "positions", "marks", "risk_changes",
+           "margin_states", "settlements")
+
+
+def _subset(state: LedgerState, keys: Touched) -> LedgerState:
+    """What `load_state(keys)` reads, from `state`; mutable values copied."""
+    subset = LedgerState()
+    for name, wanted in (("accounts", keys.accounts), ("margin_states", keys.margin_states),
+                         ("instruments", keys.instruments), ("settlements", keys.instruments),
+                         ("balances", keys.balances), ("marks", keys.marks)):
+        have, into = getattr(state, name), getattr(subset, name)
+        for key in wanted:
+            value = have.get(key)
+            if value is not None:
+                into[key] = value
+    positions = state.positions
+    for key in keys.positions:
+        p = positions.get(key)
+        if p is not None:
+            subset.positions[key] = Position(p.quantity, p.average_entry_price,
+                                             p.settlement_basis, p.realised_pnl)
+    trades = state.trades
+    for trade_id in keys.trades:
+        record = trades.get(trade_id)
+        if record is not None:
+            subset.trades[trade_id] = TradeRecord(record.legs, record.traded_at,
+                                                  record.busted)
+    return subset
 
 
 def _copy(state: LedgerState) -> LedgerState:

@@ -7,7 +7,7 @@ the checkpoint. The tables are handed in, so a rebuild runs this same code into 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from functools import lru_cache
 from operator import itemgetter
@@ -42,6 +42,7 @@ from clearing.domain.ledger import (
     Position,
     StatementLine,
     TradeRecord,
+    Touched,
     evolve,
     touched,
 )
@@ -66,13 +67,20 @@ class LedgerProjection:
     name = "ledger"
     tables = t.LEDGER_TABLES
 
-    def apply(self, conn: Connection, facts: Sequence[Fact], tables: Tables) -> None:
+    def apply(self, conn: Connection, facts: Sequence[Fact], tables: Tables,
+              known: Callable[[Touched], LedgerState | None] | None = None) -> LedgerState:
+        """Fold `facts` into the stored rows they touch; returns those rows as folded.
+        `known` may supply the rows as they stand (a process's kept book) instead of
+        reading them; it returns None when it cannot."""
         keys = touched([f.event for f in facts])
-        state = load_state(conn, tables, keys)
+        state = known(keys) if known is not None else None
+        if state is None:
+            state = load_state(conn, tables, keys)
         before = state_rows(state)
         for fact in facts:
             evolve(state, fact)
         save_state(conn, tables, state, unchanged_from=before)
+        return state
 
 
 def _in(conn: Connection, table: Table, columns: list[str], keys: Iterable[Any],

@@ -16,7 +16,7 @@ says so; either way no fact is applied twice or skipped.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
@@ -24,6 +24,7 @@ from psycopg import sql as pg_sql
 from sqlalchemy import Connection, MetaData, Table, bindparam, inspect, select, text
 
 from clearing.domain.ledger import Fact
+from clearing.projections import kept
 from clearing.projections.ledger import LedgerProjection, Tables
 from clearing.store.eventstore import START, EventStore, LogPosition
 from clearing.store.database import read_connection, write_transaction
@@ -45,8 +46,11 @@ _PROBE_CHECKPOINT = select(
     checkpoints.c.txid, checkpoints.c.position,
     _LOG_HEAD.with_only_columns(events.c.txid).scalar_subquery().label("head_txid"),
     _LOG_HEAD.with_only_columns(events.c.position).scalar_subquery().label("head_position"),
+    select(events.c.hash).where(events.c.position == checkpoints.c.position)
+    .scalar_subquery().label("checkpoint_hash"),
 ).where(checkpoints.c.name == bindparam("name"))
-"""A checkpoint and the last visible fact of the log, in one query (two one-row index probes): a
+"""A checkpoint, the hash of the fact it stands at (which names that fact, whatever the
+database) and the last visible fact of the log, in one query (one-row index probes): a
 catch-up with nothing to do, the common case, costs this one round trip. Facts still in
 flight cannot hide below a checkpoint: readers stop below the oldest append in flight, so a
 checkpoint is always older than any append not yet committed."""
@@ -66,7 +70,7 @@ class Projection(Protocol):
     name: str
     tables: tuple[Table, ...]
 
-    def apply(self, conn: Connection, facts: Sequence[Fact], tables: Tables) -> None: ...
+    def apply(self, conn: Connection, facts: Sequence[Fact], tables: Tables) -> Any: ...
 
 
 def default_projections() -> list[Projection]:
@@ -102,15 +106,25 @@ class ProjectionRunner:
                 if probe is not None and (probe.head_txid is None or (
                         probe.head_txid, probe.head_position) <= (probe.txid, probe.position)):
                     return applied
+                checkpoint_hash = None if probe is None else probe.checkpoint_hash
                 page = self.store.read_page(conn, checkpoint, self.page_size)
             if not page:
                 return applied
             with write_transaction(self.engine) as conn:
                 if self._lock_checkpoint(conn, projection.name) != checkpoint:
                     continue  # another runner applied this page meanwhile; read again
-                projection.apply(conn, page, tables)
+                keeps = isinstance(projection, LedgerProjection)
+                if keeps:
+                    folded = projection.apply(conn, page, tables,
+                                              kept.rows_known_at(self.engine, checkpoint,
+                                                                checkpoint_hash))
+                else:
+                    projection.apply(conn, page, tables)
                 pause_at(PAUSE_IN_PROJECTION_ENV)
                 self._save_checkpoint(conn, projection.name, page[-1].log_position)
+            if keeps:
+                # Committed: the kept book follows.
+                kept.applied(self.engine, checkpoint, checkpoint_hash, page, folded)
             self._note(projection.name, page[-1].log_position)  # committed
             applied += len(page)
             if len(page) < self.page_size:

@@ -149,11 +149,12 @@ def test_connection_killed_inside_a_projection_page_is_retried_and_applied_once(
     pages: list[int] = []
 
     def killed_before_checkpoint(self: LedgerProjection, conn: Connection, facts: Any,
-                                 tables: Any) -> None:
-        real(self, conn, facts, tables)
+                                 tables: Any, *known: Any) -> Any:
+        folded = real(self, conn, facts, tables, *known)
         pages.append(len(facts))
         if len(pages) == 1:  # the page is applied, the checkpoint not moved: the backend dies
             terminate(admin, backend_pid(conn))
+        return folded
 
     monkeypatch.setattr(LedgerProjection, "apply", killed_before_checkpoint)
     report = import_json(victim.url, path)
