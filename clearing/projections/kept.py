@@ -14,6 +14,7 @@ than reading it costs time, so it is read afresh each time, as before.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
@@ -45,12 +46,20 @@ class _Kept:
 
 
 _KEPT: WeakKeyDictionary[Engine, _Kept] = WeakKeyDictionary()
+_GUARD = threading.Lock()
+"""Held while a kept state is read or moved: threads of one process (the scheduler's) may
+share an engine."""
 
 
 def current_state(store: EventStore, at: LogPosition) -> LedgerState:
     """The read models' state as of log position `at` (every fact up to it applied), as a
     new object the caller may change; statement lines and trades left out, as
     `load_full_state(with_statement=False, with_trades=False)` leaves them."""
+    with _GUARD:
+        return _current_state(store, at)
+
+
+def _current_state(store: EventStore, at: LogPosition) -> LedgerState:
     kept = _KEPT.get(store.engine)
     if kept is not None and not _move_to(store, kept, at):
         kept = None
@@ -73,8 +82,9 @@ def rows_known_at(engine: Engine, at: LogPosition, at_hash: str | None
     kept state when that stands exactly there (it is then the read models' state), else
     None (read them)."""
     def known(keys: Touched) -> LedgerState | None:
-        kept = _standing_at(engine, at, at_hash)
-        return None if kept is None else _subset(kept.state, keys)
+        with _GUARD:
+            kept = _standing_at(engine, at, at_hash)
+            return None if kept is None else _subset(kept.state, keys)
     return known
 
 
@@ -83,14 +93,15 @@ def applied(engine: Engine, at: LogPosition, at_hash: str | None,
     """The ledger projection committed `facts` (after `at`), leaving the rows they touch as
     `folded`: a kept state standing at `at` takes those rows and moves to the last fact.
     (`evolve` reads and writes only the touched rows, so this is the fold of `facts`.)"""
-    kept = _standing_at(engine, at, at_hash)
-    if kept is None or not facts:
-        return
-    state = kept.state
-    for name in _MODELS:
-        getattr(state, name).update(getattr(folded, name))
-    state.trades.update(folded.trades)
-    kept.at, kept.last_hash = facts[-1].log_position, facts[-1].hash
+    with _GUARD:
+        kept = _standing_at(engine, at, at_hash)
+        if kept is None or not facts:
+            return
+        state = kept.state
+        for name in _MODELS:
+            getattr(state, name).update(getattr(folded, name))
+        state.trades.update(folded.trades)
+        kept.at, kept.last_hash = facts[-1].log_position, facts[-1].hash
 
 
 def _standing_at(engine: Engine, at: LogPosition, at_hash: str | None) -> _Kept | None:
@@ -104,11 +115,6 @@ def _standing_at(engine: Engine, at: LogPosition, at_hash: str | None) -> _Kept 
         _KEPT.pop(engine, None)
         return None
     return kept
-
-
-def forget(engine: Engine) -> None:
-    """Drop what is kept for `engine` (tests that rebuild a database under one engine)."""
-    _KEPT.pop(engine, None)
 
 
 def _load(store: EventStore) -> _Kept | None:
