@@ -143,10 +143,22 @@ def _transfer_cash(held: HeldPosition, price: Decimal) -> Decimal:
 
 
 def decide_liquidations(state: LedgerState, at: datetime, batch_id: str,
-                        memo: MarginMemo | None = None) -> list[NewFact]:
+                        memo: MarginMemo | None = None,
+                        settled_since: frozenset[str] = frozenset()) -> list[NewFact]:
     """The liquidate job (`memo`: see `all_margins`; it learns the margins of `state`, not
-    of the working copy the decisions move)."""
+    of the working copy the decisions move). `settled_since`: instruments whose expiry
+    settlement the log already holds although `state` (the ledger as of an earlier `at`, a
+    batch run late) does not: their positions were closed and paid by that settlement, so
+    a liquidation decided for before it leaves them where they are rather than hand the
+    house a position in an instrument that no longer settles (found by simulation seed 165,
+    step 510)."""
     work = _Work(state, at)
+
+    def book(account_id: str) -> list[HeldPosition]:
+        held = work.book(account_id)
+        if not settled_since:
+            return held
+        return [h for h in held if h.instrument.symbol not in settled_since]
     params = work.params
     market = work.market
     batch = BatchFacts(batch_id, "liquidate", at)
@@ -159,7 +171,7 @@ def decide_liquidations(state: LedgerState, at: datetime, batch_id: str,
              if m.status in (LIQUIDATING, BANKRUPT) or m.equity < m.maintenance]
     for account_id in below:
         margin = work.margin(account_id)
-        held = work.book(account_id)
+        held = book(account_id)
         if not held or margin.equity >= margin.maintenance:
             continue
         taken: list[tuple[HeldPosition, Decimal]] = []
@@ -202,7 +214,7 @@ def decide_liquidations(state: LedgerState, at: datetime, batch_id: str,
             record(event, account_id, f"{account_id}:move:{step:03d}")
             taken.append((target, price))
             step += 1
-            held = work.book(account_id)
+            held = book(account_id)
             margin = work.margin(account_id)
         if held or margin.equity >= 0:
             continue

@@ -45,8 +45,10 @@ def _risk(ledger: Ledger, at: datetime, carried: CarriedState) -> JobFunction:
 
 
 def _liquidate(ledger: Ledger, at: datetime, carried: CarriedState) -> JobFunction:
-    return lambda state, when, batch_id: decide_liquidations(state, when, batch_id,
-                                                             carried.margins)
+    settled = frozenset(ledger.settled_instruments())
+    return lambda state, when, batch_id: decide_liquidations(
+        state, when, batch_id, carried.margins,
+        frozenset(settled - state.settlements.keys()))
 
 
 def _margin(ledger: Ledger, at: datetime, carried: CarriedState) -> JobFunction:

@@ -111,3 +111,29 @@ def test_a_trades_file_imported_again_after_its_instrument_settled_changes_nothi
 
     assert ledger.reimport(traded).written == 0
     assert ledger.event_count() == before
+
+
+# Two found while raising the CI set to 200 seeds, replayed from their seeds up to the step
+# that broke (the harness stops at the first broken invariant, naming it).
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_late_liquidation_leaves_positions_settled_since_where_they_are(backend: str) -> None:
+    """Found by seed 165, step 510: `clearing run liquidate` for 07:51, run after the 08:00
+    expiry settlement was recorded, decided from the ledger as of 07:51, where the expiring
+    put was still open, and moved it to ccp:liquidation, which then held a position in an
+    instrument that had settled (SPEC section 4: settled positions close)."""
+    from tests.simulation.runner import run_seed
+
+    result = run_seed(165, backend, 511)
+    assert result.failure is None, result.failure
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_stored_row_equal_in_value_is_rewritten_when_its_text_changes(backend: str) -> None:
+    """Found by seed 154, step 999: a position whose quantity went from 2.30 to 2.3 kept
+    the stored 2.30 (rows equal in value were skipped as unchanged), so the read models
+    differed in text from the fold of the log, and from the book the process keeps."""
+    from tests.simulation.runner import run_seed
+
+    result = run_seed(154, backend, 1000)
+    assert result.failure is None, result.failure
