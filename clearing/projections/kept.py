@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from clearing.domain.ledger import LedgerState, Position, TradeRecord, Touched, evolve
 from clearing.projections import tables as t
@@ -28,7 +28,7 @@ from clearing.store.eventstore import START, EventStore, LogFilter, LogPosition,
 from clearing.store.tables import checkpoints
 
 KEPT_ROWS_MAX = 100_000
-"""Balances, positions and trade legs above which the state is not kept (see the module)."""
+"""Balance, position and trade-leg rows above which the state is not kept (see the module)."""
 LEDGER_CHECKPOINT = "ledger"
 
 _CHECKPOINT = select(checkpoints.c.txid, checkpoints.c.position).where(
@@ -66,8 +66,8 @@ def _current_state(store: EventStore, at: LogPosition) -> LedgerState:
         _KEPT.pop(store.engine, None)
     if kept is None:
         loaded = _load(store)
-        if loaded is None:
-            return _load_uncounted(store)
+        if isinstance(loaded, LedgerState):
+            return loaded  # too big to keep: the caller has the only copy
         kept = loaded
         if not _move_to(store, kept, at):  # the log moved on before the load: read it again
             return _load_uncounted(store)
@@ -117,16 +117,19 @@ def _standing_at(engine: Engine, at: LogPosition, at_hash: str | None) -> _Kept 
     return kept
 
 
-def _load(store: EventStore) -> _Kept | None:
-    """The read models and the checkpoint they stand at, read in one snapshot; None when
-    the book is too big to keep."""
+def _load(store: EventStore) -> _Kept | LedgerState:
+    """The read models and the checkpoint they stand at, read in one snapshot, to keep; or,
+    when the book is too big to keep (counted first, so it is read once), the read models
+    as `current_state` hands them out."""
     with store.engine.connect() as conn:
         if store.is_postgresql:
             conn.execution_options(isolation_level="REPEATABLE READ")
         row = conn.execute(_CHECKPOINT).first()
+        rows = sum(conn.execute(select(func.count()).select_from(table)).scalar_one()
+                   for table in (t.balances, t.positions, t.trade_legs))
+        if rows > KEPT_ROWS_MAX:
+            return load_full_state(conn, _TABLES, with_statement=False, with_trades=False)
         state = load_full_state(conn, _TABLES, with_statement=False, with_trades=True)
-    if len(state.balances) + len(state.positions) + len(state.trades) > KEPT_ROWS_MAX:
-        return None
     state.keeps_statement = False
     at = START if row is None else LogPosition(int(row.txid), int(row.position))
     return _Kept(state, at, None if at == START else _hash_at(store, at))
