@@ -23,16 +23,19 @@ from sqlalchemy import Engine, func, select
 
 from clearing.domain.ledger import LedgerState, Position, TradeRecord, Touched, evolve
 from clearing.projections import tables as t
-from clearing.projections.ledger import load_full_state
+from clearing.projections.ledger import LedgerProjection, load_full_state
 from clearing.store.eventstore import START, EventStore, LogFilter, LogPosition, RecordedEvent
-from clearing.store.tables import checkpoints
+from clearing.store.tables import checkpoints, events
 
 KEPT_ROWS_MAX = 100_000
 """Balance, position and trade-leg rows above which the state is not kept (see the module)."""
-LEDGER_CHECKPOINT = "ledger"
+LEDGER_CHECKPOINT = LedgerProjection.name
 
-_CHECKPOINT = select(checkpoints.c.txid, checkpoints.c.position).where(
-    checkpoints.c.name == LEDGER_CHECKPOINT)
+_CHECKPOINT = select(
+    checkpoints.c.txid, checkpoints.c.position,
+    select(events.c.hash).where(events.c.position == checkpoints.c.position)
+    .scalar_subquery().label("hash"),
+).where(checkpoints.c.name == LEDGER_CHECKPOINT)
 _TABLES = {x.name: x for x in t.LEDGER_TABLES}
 
 
@@ -69,8 +72,8 @@ def _current_state(store: EventStore, at: LogPosition) -> LedgerState:
         if isinstance(loaded, LedgerState):
             return loaded  # too big to keep: the caller has the only copy
         kept = loaded
-        if not _move_to(store, kept, at):  # the log moved on before the load: read it again
-            return _load_uncounted(store)
+        if not _move_to(store, kept, at):  # the log moved on before the load: as they stand
+            return _copy(kept.state)
         _KEPT[store.engine] = kept
     return _copy(kept.state)
 
@@ -131,20 +134,9 @@ def _load(store: EventStore) -> _Kept | LedgerState:
             return load_full_state(conn, _TABLES, with_statement=False, with_trades=False)
         state = load_full_state(conn, _TABLES, with_statement=False, with_trades=True)
     state.keeps_statement = False
-    at = START if row is None else LogPosition(int(row.txid), int(row.position))
-    return _Kept(state, at, None if at == START else _hash_at(store, at))
-
-
-def _load_uncounted(store: EventStore) -> LedgerState:
-    with store.engine.connect() as conn:
-        return load_full_state(conn, _TABLES, with_statement=False, with_trades=False)
-
-
-def _hash_at(store: EventStore, at: LogPosition) -> str | None:
-    just_before = LogPosition(at.txid, at.position - 1)
-    for recorded in store.read_all(just_before, bounds=LogFilter(until=at), limit=1):
-        return recorded.hash if recorded.position == at.position else None
-    return None
+    if row is None:
+        return _Kept(state, START, None)
+    return _Kept(state, LogPosition(int(row.txid), int(row.position)), row.hash)
 
 
 def _move_to(store: EventStore, kept: _Kept, at: LogPosition) -> bool:
@@ -187,8 +179,7 @@ def _subset(state: LedgerState, keys: Touched) -> LedgerState:
     for key in keys.positions:
         p = positions.get(key)
         if p is not None:
-            subset.positions[key] = Position(p.quantity, p.average_entry_price,
-                                             p.settlement_basis, p.realised_pnl)
+            subset.positions[key] = _copied(p)
     trades = state.trades
     for trade_id in keys.trades:
         record = trades.get(trade_id)
@@ -203,10 +194,13 @@ def _copy(state: LedgerState) -> LedgerState:
         accounts=dict(state.accounts),
         instruments=dict(state.instruments),
         balances=dict(state.balances),
-        positions={key: Position(p.quantity, p.average_entry_price, p.settlement_basis,
-                                 p.realised_pnl) for key, p in state.positions.items()},
+        positions={key: _copied(p) for key, p in state.positions.items()},
         marks=dict(state.marks),
         risk_changes=dict(state.risk_changes),
         margin_states=dict(state.margin_states),
         settlements=dict(state.settlements),
     )
+
+
+def _copied(p: Position) -> Position:
+    return Position(p.quantity, p.average_entry_price, p.settlement_basis, p.realised_pnl)
