@@ -332,6 +332,7 @@ def _insert_new_postgresql(conn: Connection, table: Table, rows: list[tuple[Any,
 
 class _PgStatements(NamedTuple):
     insert_values: str
+    insert_plain: str
     create_scratch: str
     copy_into_scratch: str
     insert_from_scratch: str
@@ -358,6 +359,8 @@ def _pg_statements(table: Table) -> _PgStatements:
         insert_values=pg_sql.SQL("INSERT INTO {} ({}) VALUES ({}) {}").format(
             name, column_list, pg_sql.SQL(", ").join(pg_sql.Placeholder() * len(columns)),
             conflict),
+        insert_plain=pg_sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            name, column_list, pg_sql.SQL(", ").join(pg_sql.Placeholder() * len(columns))),
         create_scratch=pg_sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING "
                                   "DEFAULTS) ON COMMIT DELETE ROWS").format(scratch, name),
         copy_into_scratch=pg_sql.SQL("COPY {} ({}) FROM STDIN").format(scratch, column_list),
@@ -475,9 +478,13 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
     rows = state_rows(state)
     statement_rows = rows.pop("statement")
     postgresql = conn.dialect.name == "postgresql"
+    writes: list[tuple[Table, list[tuple[Any, ...]], list[tuple[Any, ...]]]] = []
+    """Per table: rows changed (upserted) and rows new to it (inserted)."""
     for name, table_rows in rows.items():
-        if unchanged_from is None or not table_rows:
-            _upsert(conn, tables[name], table_rows)
+        if not table_rows:
+            continue
+        if unchanged_from is None:
+            writes.append((tables[name], table_rows, []))
             continue
         key_of = itemgetter(*_primary_key_indexes(tables[name]))
         loaded = {key_of(r): r for r in unchanged_from.get(name, ())}
@@ -488,14 +495,20 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
                 added.append(row)
             elif before != row or _restated(before, row):
                 changed.append(row)
-        _upsert(conn, tables[name], changed)
+        writes.append((tables[name], changed, added))
+    if postgresql and sum(len(c) + len(a) for _, c, a in writes) + len(statement_rows) \
+            < COPY_ROWS_MIN:
+        _write_together_postgresql(conn, writes, tables["statement"], statement_rows)
+        return
+    for table, changed, added in writes:
+        _upsert(conn, table, changed)
         if postgresql:
-            _insert_new_postgresql(conn, tables[name], added)
+            _insert_new_postgresql(conn, table, added)
         else:
-            _upsert(conn, tables[name], added)
+            _upsert(conn, table, added)
     if not statement_rows:
         return
-    if conn.dialect.name == "postgresql":
+    if postgresql:
         with conn.connection.driver_connection.cursor() as cur:
             _copy_rows(cur, _pg_statements(tables["statement"]).copy_into_table,
                        len(tables["statement"].columns), statement_rows)
@@ -503,6 +516,24 @@ def save_state(conn: Connection, tables: Tables, state: LedgerState,
         columns = StatementLine._fields
         conn.execute(tables["statement"].insert(),
                      [dict(zip(columns, line, strict=True)) for line in statement_rows])
+
+
+def _write_together_postgresql(
+        conn: Connection, writes: list[tuple[Table, list[tuple[Any, ...]],
+                                             list[tuple[Any, ...]]]],
+        statement: Table, statement_rows: list[StatementLine]) -> None:
+    """A few rows (the usual page of a live ledger: a trade, a file of marks): every
+    statement sent in one pipeline, one round trip in all, where a COPY for each table's new
+    rows and another for the statement lines would cost two or three each. New rows are
+    upserted like changed ones (the same rows end up stored); statement lines are plain
+    INSERTs, so a line already there fails the page as COPY would."""
+    db = conn.connection.driver_connection
+    with db.pipeline(), db.cursor() as cur:
+        for table, changed, added in writes:
+            if changed or added:
+                cur.executemany(_pg_statements(table).insert_values, changed + added)
+        if statement_rows:
+            cur.executemany(_pg_statements(statement).insert_plain, statement_rows)
 
 
 def load_full_state(conn: Connection, tables: Tables, with_statement: bool = True,

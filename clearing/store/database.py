@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import os
 
@@ -51,6 +52,14 @@ def create_engine_for(url: str, *, role: str | None = None, pre_ping: bool = Tru
         parsed = parsed.set(drivername="postgresql+psycopg")
         engine = create_engine(parsed, pool_pre_ping=pre_ping)
         _configure_postgresql(engine, role)
+        # Reads in autocommit get a pool of their own, whose connections stay in autocommit:
+        # switching a shared connection in and out of it on every checkout (and rolling back
+        # on every return) cost more than most of the reads themselves.
+        reads = create_engine(parsed, pool_pre_ping=pre_ping, isolation_level="AUTOCOMMIT",
+                              pool_reset_on_return=None)
+        _configure_postgresql(reads, role)
+        _READS[engine] = reads
+        event.listen(engine, "engine_disposed", lambda _engine: reads.dispose())
         return engine
     if parsed.get_backend_name() != "sqlite":
         raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or "
@@ -112,10 +121,22 @@ def read_connection(engine: Engine) -> Connection:
     connection's prepared statements, which every ROLLBACK makes psycopg deallocate. Reads
     that need one snapshot (server-side cursors, several tables at one moment) keep
     `engine.connect()`."""
+    reads = _READS.get(engine)
+    if reads is not None:
+        return reads.connect()
     conn = engine.connect()
     if engine.dialect.name == "postgresql":
         conn.execution_options(isolation_level="AUTOCOMMIT")
     return conn
+
+
+def reading_engine(engine: Engine) -> Engine:
+    """The engine `read_connection` draws from: on PostgreSQL engines of `create_engine_for`,
+    a second pool of the same database and role whose connections stay in autocommit."""
+    return _READS.get(engine, engine)
+
+
+_READS: WeakKeyDictionary[Engine, Engine] = WeakKeyDictionary()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -28,7 +28,7 @@ import clearing.store.eventstore as eventstore_module
 from clearing.app import Ledger
 from clearing.cli import app
 from clearing.projections.ledger import LedgerProjection
-from clearing.store.database import create_engine_for
+from clearing.store.database import create_engine_for, reading_engine
 from clearing.store.eventstore import APPEND_RETRIES_MAX, EventStore
 from clearing.store.failures import RETRY_ATTEMPTS_MAX
 from tests.conftest import _postgres_admin
@@ -201,8 +201,9 @@ def test_idle_pooled_connections_killed_between_commands_are_replaced(
     reference, _, _ = twins
     engine = create_engine_for(reference.url)
     pids: list[int] = []
-    event.listen(engine, "connect", lambda dbapi, _record: pids.append(
-        dbapi.info.backend_pid))
+    for pool in {engine, reading_engine(engine)}:  # the reads' pool is checked the same way
+        event.listen(pool, "connect", lambda dbapi, _record: pids.append(
+            dbapi.info.backend_pid))
     try:
         ledger = Ledger(engine)
         balances = ledger.balance("m00", "USDC")
