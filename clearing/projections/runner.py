@@ -21,12 +21,14 @@ from typing import Any, Protocol
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from psycopg import sql as pg_sql
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, MetaData, Table, bindparam, inspect, select, text
 
 from clearing.domain.ledger import Fact
 from clearing.projections import kept
 from clearing.projections.ledger import LedgerProjection, Tables
-from clearing.store.eventstore import START, EventStore, LogPosition
+from clearing.store.eventstore import (READ_BOUND_SQL, START, UNSET, WRITER_NAMESPACE,
+                                      EventStore, LogPosition)
 from clearing.store.database import read_connection, write_transaction
 from clearing.store.failures import retrying
 from clearing.store.testhooks import PAUSE_IN_PROJECTION_ENV, pause_at
@@ -54,14 +56,29 @@ database) and the last visible fact of the log, in one query (one-row index prob
 catch-up with nothing to do, the common case, costs this one round trip. Facts still in
 flight cannot hide below a checkpoint: readers stop below the oldest append in flight, so a
 checkpoint is always older than any append not yet committed."""
+_PROBE_CHECKPOINT_PG = f"""
+SELECT c.txid, c.position, h.txid AS head_txid, h.position AS head_position,
+       (SELECT e.hash FROM events e WHERE e.position = c.position) AS checkpoint_hash,
+       CASE WHEN (h.txid, h.position) > (c.txid, c.position) THEN ({READ_BOUND_SQL}) END
+           AS visible_below
+FROM checkpoints c
+LEFT JOIN LATERAL (SELECT txid, position FROM events
+                   ORDER BY txid DESC, position DESC LIMIT 1) h ON true
+WHERE c.name = %s
+"""
+"""`_PROBE_CHECKPOINT` on PostgreSQL, with the read bound (`READ_BOUND_SQL`) when the log
+holds facts past the checkpoint: the page read that follows then needs no query of its own
+for it. The server computes the bound only then (a CASE branch not taken leaves its
+subquery unexecuted: the bound reads `pg_locks`, the dearest part of a probe). Read in a
+statement before the page's, as `read_page` would read it."""
 _ADD_CHECKPOINT = text("INSERT INTO checkpoints (name, txid, position) VALUES (:name, 0, 0) "
                        "ON CONFLICT (name) DO NOTHING")
-_CLAIM_CHECKPOINT_PG = text(
-    "INSERT INTO checkpoints (name, txid, position) VALUES (:name, 0, 0) "
-    "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING txid, position")
+_CLAIM_CHECKPOINT_PG_SQL = ("INSERT INTO checkpoints (name, txid, position) VALUES (%s, 0, 0) "
+                            "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name "
+                            "RETURNING txid, position")
 """PostgreSQL: add the checkpoint if missing and lock it, in one statement (an upsert locks
 the row it meets and returns it as it stands once the lock is granted, as SELECT ... FOR
-UPDATE would)."""
+UPDATE would). Sent by psycopg itself, in a pipeline."""
 _SAVE_CHECKPOINT = text("UPDATE checkpoints SET txid = :txid, position = :position "
                         "WHERE name = :name")
 
@@ -100,14 +117,17 @@ class ProjectionRunner:
         applied = 0
         while True:
             with read_connection(self.engine) as conn:
-                probe = conn.execute(_PROBE_CHECKPOINT, {"name": projection.name}).first()
+                probe = self._probe(conn, projection.name)
                 checkpoint = self._note(projection.name, START if probe is None else
                                         LogPosition(int(probe.txid), int(probe.position)))
                 if probe is not None and (probe.head_txid is None or (
                         probe.head_txid, probe.head_position) <= (probe.txid, probe.position)):
                     return applied
                 checkpoint_hash = None if probe is None else probe.checkpoint_hash
-                page = self.store.read_page(conn, checkpoint, self.page_size)
+                page = self.store.read_page(
+                    conn, checkpoint, self.page_size,
+                    UNSET if probe is None or not self.store.is_postgresql
+                    else int(probe.visible_below))
             if not page:
                 return applied
             with write_transaction(self.engine) as conn:
@@ -130,6 +150,16 @@ class ProjectionRunner:
             if len(page) < self.page_size:
                 return applied  # the log held nothing more when this page was read
 
+    @staticmethod
+    def _probe(conn: Connection, name: str) -> Any:
+        """The checkpoint `name` (None when it has none yet), the hash of its fact, the log's
+        head and, on PostgreSQL when the head is past the checkpoint, the read bound."""
+        if conn.dialect.name != "postgresql":
+            return conn.execute(_PROBE_CHECKPOINT, {"name": name}).first()
+        with conn.connection.driver_connection.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(_PROBE_CHECKPOINT_PG, (WRITER_NAMESPACE, name))
+            return cur.fetchone()
+
     def checkpoint(self, name: str) -> LogPosition:
         with read_connection(self.engine) as conn:
             return self._read_checkpoint(conn, name)
@@ -150,7 +180,13 @@ class ProjectionRunner:
 
     def _lock_checkpoint(self, conn: Connection, name: str) -> LogPosition:
         if conn.dialect.name == "postgresql":
-            row = conn.execute(_CLAIM_CHECKPOINT_PG, {"name": name}).one()
+            # Pipelined: the transaction's BEGIN goes with it, one round trip for both.
+            db = conn.connection.driver_connection
+            with db.pipeline() as pipeline, db.cursor() as cur:
+                cur.execute(_CLAIM_CHECKPOINT_PG_SQL, (name,))
+                pipeline.sync()
+                txid, position = cur.fetchone()
+            return self._note(name, LogPosition(int(txid), int(position)))
         else:  # the write transaction already holds SQLite's one write lock
             conn.execute(_ADD_CHECKPOINT, {"name": name})
             row = conn.execute(_READ_CHECKPOINT, {"name": name}).one()

@@ -103,7 +103,7 @@ ALL_STREAMS_KEY = LOCK_BUCKETS
 """The key, beside the buckets' 0..LOCK_BUCKETS-1, of the lock over every stream."""
 LOCK_NAMESPACE = 0x434C  # "CL": keeps the store's advisory locks apart from the scheduler's
 WRITER_NAMESPACE = 0x434D  # "CM": held (shared) by every appending transaction
-_READ_BOUND_SQL = """
+READ_BOUND_SQL = """
 WITH snap AS (SELECT pg_current_snapshot() AS s),
 writers AS (
     SELECT x.transactionid::text::bigint AS xid32
@@ -123,6 +123,13 @@ SELECT coalesce(
 exclusive lock on its own id), which every role may read, unlike `pg_stat_activity`, whose
 `backend_xid` is hidden from a role that is not the session's: the least-privilege
 application role must see every in-flight writer."""
+
+
+class _Unset:
+    """No value given (where None is a value: no read bound, on SQLite)."""
+
+
+UNSET = _Unset()
 RECENT_EVENTS_MAX = 250_000
 """Typed events kept in memory after an append, for this process's next read of them."""
 
@@ -594,12 +601,16 @@ class EventStore:
                     raise
                 backoff(reconnects)
 
-    def read_page(self, conn: Connection, after: LogPosition,
-                  size: int) -> list[RecordedEvent]:
+    def read_page(self, conn: Connection, after: LogPosition, size: int,
+                  visible_below: int | None | _Unset = UNSET) -> list[RecordedEvent]:
         """Up to `size` visible events after `after`, in log order, read on `conn` (a reader
         that keeps its own bookkeeping in the same database, such as a checkpoint, reads both
-        on one connection). Losing the connection is the caller's to retry."""
-        return self._read_page(after, LogFilter(), size, self._visible_bound(conn), conn)
+        on one connection). `visible_below`, when given, is the read bound as a statement
+        before this one found it (`READ_BOUND_SQL`); else it is read first. Losing the
+        connection is the caller's to retry."""
+        if isinstance(visible_below, _Unset):
+            visible_below = self._visible_bound(conn)
+        return self._read_page(after, LogFilter(), size, visible_below, conn)
 
     def visible_bound(self) -> int | None:
         """The txid below which every event writer has finished (PostgreSQL; None on
@@ -613,7 +624,7 @@ class EventStore:
         if not self.is_postgresql:
             return None
         with _driver(conn).cursor() as cur:
-            cur.execute(_READ_BOUND_SQL, (WRITER_NAMESPACE,))
+            cur.execute(READ_BOUND_SQL, (WRITER_NAMESPACE,))
             bound = int(cur.fetchone()[0])
         conn.rollback()
         return bound
