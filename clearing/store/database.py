@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 from weakref import WeakKeyDictionary
 
+import logging
 import os
 
 from alembic import command
@@ -28,6 +29,19 @@ from clearing.store.errors import SchemaOutOfDate
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+
+class _PipelineAbortNoise(logging.Filter):
+    """Drops psycopg's "error ignored terminating <Pipeline>" warning. psycopg logs it when a
+    statement in a pipeline failed and the pipeline, closing, finds itself aborted; the
+    statement's own error is raised all the same, and the store handles it (a key already
+    recorded: a redelivery, looked up and answered). Printed, it would only tell a user
+    re-importing a file about an error that was not one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error ignored terminating")
+
+
+logging.getLogger("psycopg").addFilter(_PipelineAbortNoise())
 
 APP_ROLE_ENV = "CLEARING_APP_ROLE"
 DEFAULT_APP_ROLE = "clearing_app"
