@@ -161,7 +161,11 @@ class Ledger:
             latest = conn.execute(_LATEST_EFFECTIVE).scalar_one_or_none()
         if latest is not None and latest > at:
             return replay(self.store, ReplayBounds(as_of=at))
-        return current_state(self.store, self.runner.reached(LEDGER_CHECKPOINT))
+        reached = self.runner.reached(LEDGER_CHECKPOINT)
+        seen = self.runner.last_seen(LEDGER_CHECKPOINT)
+        if seen is not None and seen[0] == reached:
+            return current_state(self.store, reached, seen[1])
+        return current_state(self.store, reached)
 
     def settled_instruments(self) -> set[str]:
         with read_connection(self.engine) as conn:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from clearing.app import Ledger
 from clearing.domain.clock import storage_time
@@ -48,7 +48,7 @@ from clearing.domain.event import Event
 from clearing.domain.ledger import LedgerState, evolve, touched
 from clearing.domain.margin_sweep import MarginMemo
 from clearing.store.database import read_connection
-from clearing.store.eventstore import LogPosition
+from clearing.store.eventstore import READ_BOUND_SQL, WRITER_NAMESPACE, LogPosition
 from clearing.store.tables import events
 
 CHUNK_EVENTS = 500
@@ -158,17 +158,27 @@ def is_completed(ledger: Ledger, batch_id: str) -> bool:
 
 def written_so_far(ledger: Ledger, batch_id: str, at: datetime) -> list[LogPosition]:
     """Where the facts of the batch already in the log are, in log order (the completion
-    excluded). Every fact of a batch is effective at `at`, so this reads the few events
-    effective at that moment (an index lookup) and keeps those keyed under the batch id: a
-    prefix test in Python, exact whatever the database's collation."""
+    excluded)."""
+    return batch_progress(ledger, batch_id, at)[1]
+
+
+def batch_progress(ledger: Ledger, batch_id: str, at: datetime
+                   ) -> tuple[bool, list[LogPosition]]:
+    """Whether the batch is completed, and where its facts already in the log are, in log
+    order (the completion excluded). Every fact of a batch, its completion included, is
+    effective at `at`, so this reads the few events effective at that moment (an index
+    lookup) and keeps those keyed under the batch id: a prefix test in Python, exact
+    whatever the database's collation."""
     prefix = batch_id + ":"
     closing = completion_key(batch_id)
     with read_connection(ledger.engine) as conn:
         rows = conn.execute(
             select(events.c.txid, events.c.position, events.c.idempotency_key)
             .where(events.c.effective_at == at)).all()
-    return sorted(LogPosition(int(r.txid), int(r.position)) for r in rows
-                  if r.idempotency_key.startswith(prefix) and r.idempotency_key != closing)
+    completed = any(r.idempotency_key == closing for r in rows)
+    return completed, sorted(LogPosition(int(r.txid), int(r.position)) for r in rows
+                             if r.idempotency_key.startswith(prefix)
+                             and r.idempotency_key != closing)
 
 
 def await_committed_log(ledger: Ledger, timeout_s: float = VISIBILITY_TIMEOUT_S) -> None:
@@ -183,15 +193,24 @@ def await_committed_log(ledger: Ledger, timeout_s: float = VISIBILITY_TIMEOUT_S)
     if not store.is_postgresql:
         return
     with read_connection(ledger.engine) as conn:
-        newest = conn.execute(select(func.max(events.c.txid))).scalar_one_or_none()
+        with conn.connection.driver_connection.cursor() as cur:
+            cur.execute(_NEWEST_AND_BOUND_PG, (WRITER_NAMESPACE,))
+            newest, bound = cur.fetchone()
     if newest is None:
         return
     deadline = time.monotonic() + timeout_s
-    while (bound := store.visible_bound()) is not None and bound <= newest:
+    while bound is not None and bound <= newest:
         if time.monotonic() > deadline:
             raise TimeoutError(f"an append older than transaction {newest} has been in "
                                f"flight for over {timeout_s:.0f}s; the job did not decide")
         time.sleep(0.01)
+        bound = store.visible_bound()
+
+
+_NEWEST_AND_BOUND_PG = f"SELECT (SELECT max(txid) FROM events), ({READ_BOUND_SQL})"
+"""The newest transaction whose events are committed and the read bound, in one statement
+(the bound's snapshot is the statement's: an append in flight then, older than the newest,
+holds it down; one finished since is visible to every later read)."""
 
 
 def decision_state(ledger: Ledger, at: datetime, written: list[LogPosition]) -> LedgerState:
@@ -246,11 +265,11 @@ def run_batch(ledger: Ledger, job: str, at: datetime, decide: JobFunction,
     batch_id = batch_id_for(job, at)
     size = chunk_events if chunk_events is not None else chunk_size()
     with job_lock(ledger, job):
-        if is_completed(ledger, batch_id):
+        completed, already = batch_progress(ledger, batch_id, at)
+        if completed:
             if carried is not None:
                 carried.reset()  # another runner moved the ledger: load it afresh
             return JobRun(job, batch_id, at, 0, True)
-        already = written_so_far(ledger, batch_id, at)
         if carried is not None and carried.state is not None and not already:
             await_committed_log(ledger)
             state = carried.state

@@ -48,22 +48,33 @@ class _Kept:
     holds that fact there (a database recreated under the same engine) is not this state's."""
 
 
+class _NoHash:
+    """No hash given (None is one: the start of the log)."""
+
+
+NO_HASH = _NoHash()
 _KEPT: WeakKeyDictionary[Engine, _Kept] = WeakKeyDictionary()
 _GUARD = threading.Lock()
 """Held while a kept state is read or moved: threads of one process (the scheduler's) may
 share an engine."""
 
 
-def current_state(store: EventStore, at: LogPosition) -> LedgerState:
+def current_state(store: EventStore, at: LogPosition,
+                  at_hash: str | None | _NoHash = NO_HASH) -> LedgerState:
     """The read models' state as of log position `at` (every fact up to it applied), as a
     new object the caller may change; statement lines and trades left out, as
-    `load_full_state(with_statement=False, with_trades=False)` leaves them."""
+    `load_full_state(with_statement=False, with_trades=False)` leaves them. `at_hash`, the
+    hash of the fact at `at` as the caller just read it, spares reading that fact again to
+    check that the kept state is this log's."""
     with _GUARD:
-        return _current_state(store, at)
+        return _current_state(store, at, at_hash)
 
 
-def _current_state(store: EventStore, at: LogPosition) -> LedgerState:
+def _current_state(store: EventStore, at: LogPosition,
+                   at_hash: str | None | _NoHash = NO_HASH) -> LedgerState:
     kept = _KEPT.get(store.engine)
+    if kept is not None and kept.at == at and kept.last_hash == at_hash:
+        return _copy(kept.state)
     if kept is not None and not _move_to(store, kept, at):
         kept = None
         _KEPT.pop(store.engine, None)

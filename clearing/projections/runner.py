@@ -102,6 +102,7 @@ class ProjectionRunner:
         self.projections = projections if projections is not None else default_projections()
         self.page_size = page_size
         self._reached: dict[str, LogPosition] = {}
+        self._seen: dict[str, tuple[LogPosition, str | None]] = {}
 
     # ------------------------------------------------------------ live updates
 
@@ -124,6 +125,7 @@ class ProjectionRunner:
                         probe.head_txid, probe.head_position) <= (probe.txid, probe.position)):
                     return applied
                 checkpoint_hash = None if probe is None else probe.checkpoint_hash
+                self._seen[projection.name] = (checkpoint, checkpoint_hash)
                 page = self.store.read_page(
                     conn, checkpoint, self.page_size,
                     UNSET if probe is None or not self.store.is_postgresql
@@ -146,6 +148,7 @@ class ProjectionRunner:
                 # Committed: the kept book follows.
                 kept.applied(self.engine, checkpoint, checkpoint_hash, page, folded)
             self._note(projection.name, page[-1].log_position)  # committed
+            self._seen[projection.name] = (page[-1].log_position, page[-1].hash)
             applied += len(page)
             if len(page) < self.page_size:
                 return applied  # the log held nothing more when this page was read
@@ -168,6 +171,12 @@ class ProjectionRunner:
         """The checkpoint of `name` as this runner last read or moved it (no query): the
         stored one is never behind it, since checkpoints only move forward."""
         return self._reached.get(name, START)
+
+    def last_seen(self, name: str) -> tuple[LogPosition, str | None] | None:
+        """The checkpoint of `name` as this runner's last probe found it or its last commit
+        left it, with the hash of the fact there (None at the start of the log): the fact
+        that names the position in this log, whatever else shares the engine."""
+        return self._seen.get(name)
 
     def _read_checkpoint(self, conn: Connection, name: str) -> LogPosition:
         row = conn.execute(_READ_CHECKPOINT, {"name": name}).first()
