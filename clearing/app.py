@@ -98,13 +98,28 @@ class Ledger:
         return None if row is None else Account(row.account_id, row.owner, row.margin_model)
 
     def account_ids(self) -> set[str]:
+        if (known := self._kept_reference()) is not None:
+            return known[0]
         with read_connection(self.engine) as conn:
             return set(conn.execute(_ACCOUNT_IDS).scalars())
 
     def instruments(self) -> dict[str, Instrument]:
+        if (known := self._kept_reference()) is not None:
+            return known[1]
         with read_connection(self.engine) as conn:
             return {row.symbol: instrument_from_row(row)
                     for row in conn.execute(_INSTRUMENTS)}
+
+    def _kept_reference(self) -> tuple[set[str], dict[str, Instrument], set[str]] | None:
+        """Accounts, instruments and settled symbols from the book this process keeps, when
+        it stands where this ledger's last catch-up found the read models (a long-running
+        process: the scheduler, a simulation); None otherwise (read them)."""
+        from clearing.projections.kept import LEDGER_CHECKPOINT, reference_at
+
+        seen = self.runner.last_seen(LEDGER_CHECKPOINT)
+        if seen is None or seen[0] != self.runner.reached(LEDGER_CHECKPOINT):
+            return None
+        return reference_at(self.engine, seen[0], seen[1])
 
     def balance(self, account_id: str, asset: str) -> Decimal:
         with read_connection(self.engine) as conn:
@@ -168,6 +183,8 @@ class Ledger:
         return current_state(self.store, reached)
 
     def settled_instruments(self) -> set[str]:
+        if (known := self._kept_reference()) is not None:
+            return known[2]
         with read_connection(self.engine) as conn:
             return set(conn.execute(_SETTLED).scalars())
 

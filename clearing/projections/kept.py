@@ -21,6 +21,7 @@ from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, func, select
 
+from clearing.domain.instruments import Instrument
 from clearing.domain.ledger import LedgerState, Position, TradeRecord, Touched, evolve
 from clearing.projections import tables as t
 from clearing.projections.ledger import LedgerProjection, load_full_state
@@ -87,6 +88,19 @@ def _current_state(store: EventStore, at: LogPosition,
             return _copy(kept.state)
         _KEPT[store.engine] = kept
     return _copy(kept.state)
+
+
+def reference_at(engine: Engine, at: LogPosition, at_hash: str | None
+                 ) -> tuple[set[str], dict[str, Instrument], set[str]] | None:
+    """The account ids, the instruments and the settled symbols of the kept state, when it
+    stands at `at`, the fact whose hash is `at_hash` (it is then the read models' state):
+    what an import decides from, without a query; else None (read them)."""
+    with _GUARD:
+        kept = _standing_at(engine, at, at_hash)
+        if kept is None:
+            return None
+        state = kept.state
+        return set(state.accounts), dict(state.instruments), set(state.settlements)
 
 
 def rows_known_at(engine: Engine, at: LogPosition, at_hash: str | None
