@@ -35,6 +35,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Engine, bindparam, func, select
 
 from clearing.app import Ledger
@@ -63,6 +64,12 @@ _RISK_CHANGES_AT = select(t.risk_parameter_changes).where(
 _STATEMENT_LINES = select(t.statement).where(t.statement.c.position >= bindparam("first"),
                                              t.statement.c.position <= bindparam("last"))
 _TABLES = {x.name: x for x in t.LEDGER_TABLES}
+_NEW_EVENTS = f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > %s ORDER BY txid, position"
+_NEW_STATEMENT_LINES = ("SELECT position, account_id, asset, effective_at, type, reference, "
+                        "amount, balance FROM statement WHERE position > %s")
+"""The statement lines of every event after the last step's (PostgreSQL), read with the
+events: any line there that the fold does not have is a difference too."""
+_ALL_BALANCES = "SELECT account_id, asset, balance FROM balances"
 
 
 class InvariantBroken(AssertionError):
@@ -140,7 +147,7 @@ class Checker:
         share one connection (one checkout, not three, per step), in autocommit on
         PostgreSQL: each is one query, and no step runs meanwhile."""
         with read_connection(self.engine) as conn:
-            new = self._new_events(conn)
+            new, lines, balances = self._read_step(conn)
             self._expected_effect(step, outcome, len(new))
             for recorded in new:
                 self._check_envelope(recorded, step)
@@ -150,23 +157,36 @@ class Checker:
                                              recorded.event))
                 self.last_position = new[-1].position
                 self.events += len(new)
-            seen = self._compare_touched(new, conn)
-            self._compare_balances(conn)
+            seen = self._compare_touched(new, lines, conn)
+            self._compare_balances(balances)
         self._check_open_interest(seen["positions"])
         self._check_house_rules(seen["positions"], seen["settlements"])
         return len(new)
 
-    def _new_events(self, conn: Connection) -> list[RecordedEvent]:
-        mark = "%s" if self.is_postgresql else "?"
-        cur = conn.connection.driver_connection.cursor()
-        try:
-            cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > {mark} "
-                        "ORDER BY txid, position", (self.last_position,))
-            rows = cur.fetchall()
-        finally:
-            cur.close()
-        conn.rollback()
-        return [RecordedEvent(tuple(row), catalogue, not self.is_postgresql) for row in rows]
+    def _read_step(self, conn: Connection) -> tuple[list[RecordedEvent],
+                                                    list[StatementLine] | None,
+                                                    list[tuple[Any, ...]]]:
+        """The events appended since the last step, every stored balance and, on
+        PostgreSQL, the statement lines after the last step's events (None: read them with
+        the touched rows): on PostgreSQL in one pipeline, one round trip."""
+        after = (self.last_position,)
+        if not self.is_postgresql:
+            new = self._rows(conn, _NEW_EVENTS.replace("%s", "?"), after)
+            balances = self._rows(conn, _ALL_BALANCES)
+            return [RecordedEvent(tuple(row), catalogue, True) for row in new], None, balances
+        db = conn.connection.driver_connection
+        with db.pipeline() as pipeline, db.cursor() as events_cur, \
+                db.cursor(row_factory=namedtuple_row) as lines_cur, db.cursor() as balances_cur:
+            events_cur.execute(_NEW_EVENTS, after)
+            lines_cur.execute(_NEW_STATEMENT_LINES, after)
+            balances_cur.execute(_ALL_BALANCES)
+            pipeline.sync()
+            new = [RecordedEvent(tuple(row), catalogue, False) for row in events_cur.fetchall()]
+            lines = [StatementLine(row.position, row.account_id, row.asset, row.effective_at,
+                                   row.type, row.reference, row.amount, row.balance)
+                     for row in lines_cur.fetchall()]
+            balances = balances_cur.fetchall()
+        return new, lines, balances
 
     def _expected_effect(self, step: Step, outcome: Outcome, appended: int) -> None:
         def broken(reason: str) -> InvariantBroken:
@@ -215,7 +235,7 @@ class Checker:
             raise InvariantBroken(f"event at position {recorded.position} recorded at "
                                   f"{recorded.recorded_at}, not at the step's time {step.now}")
 
-    def _compare_touched(self, new: list[RecordedEvent],
+    def _compare_touched(self, new: list[RecordedEvent], lines_read: list[StatementLine] | None,
                          conn: Connection) -> dict[str, set[Any]]:
         """The stored rows of every key the fold read or wrote this step, and the statement
         lines of the new events, against the fold; returns those keys, by read model."""
@@ -234,7 +254,9 @@ class Checker:
             for row in conn.execute(_RISK_CHANGES_AT,
                                     {"positions": list(seen["risk_changes"])}):
                 stored.risk_changes[row.position] = change_from_row(row)
-        if new:
+        if lines_read is not None:
+            stored.statement.extend(lines_read)
+        elif new:
             for row in conn.execute(_STATEMENT_LINES, {"first": new[0].position,
                                                        "last": new[-1].position}):
                 stored.statement.append(StatementLine(
@@ -252,12 +274,11 @@ class Checker:
         self._raise_differences("rows touched by the step", differences(stored, folded))
         return seen
 
-    def _compare_balances(self, conn: Connection) -> None:
+    def _compare_balances(self, rows: list[tuple[Any, ...]]) -> None:
         """Every stored balance against the fold, and their sum per asset."""
         totals: dict[str, Decimal] = defaultdict(Decimal)
         stored = {}
-        for account_id, asset, balance in self._rows(
-                conn, "SELECT account_id, asset, balance FROM balances"):
+        for account_id, asset, balance in rows:
             stored[(account_id, asset)] = amount = Decimal(balance)
             totals[asset] += amount
         bad = {a: v for a, v in sorted(totals.items()) if v != 0}
@@ -331,10 +352,10 @@ class Checker:
                                   "it covers deficits as far as its balance goes)")
 
     @staticmethod
-    def _rows(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
+    def _rows(conn: Connection, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         cur = conn.connection.driver_connection.cursor()
         try:
-            cur.execute(sql)
+            cur.execute(sql, params)
             rows = cur.fetchall()
         finally:
             cur.close()
