@@ -211,6 +211,40 @@ def test_a_broken_invariant_is_caught_at_its_step_and_replays(tmp_path: Path) ->
     assert messages[0] == messages[1]
 
 
+class CorruptsAStatementLine(Simulation):
+    """A simulation whose newest statement line is edited by hand after the first step from
+    `AFTER` on that wrote one."""
+
+    AFTER = 120
+    corrupted_at: int | None = None
+
+    def execute(self, step):  # type: ignore[no-untyped-def]
+        outcome = super().execute(step)
+        if step.index >= self.AFTER and self.corrupted_at is None:
+            with self.engine.begin() as conn:
+                changed = conn.execute(text(
+                    "UPDATE statement SET amount = amount + 1 WHERE position = "
+                    "(SELECT max(position) FROM statement) AND position > :last"),
+                    {"last": self.checker.last_position}).rowcount
+            if changed:
+                type(self).corrupted_at = step.index  # for the test to read after the failure
+        return outcome
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_statement_line_edited_by_hand_is_caught_at_its_step(kind: str,
+                                                               tmp_path: Path) -> None:
+    """The statement lines of a step's events are compared with the fold right after it
+    (on PostgreSQL read in the same round trip as the events themselves)."""
+    CorruptsAStatementLine.corrupted_at = None
+    with pytest.raises(SimulationFailure, match="statement") as caught:
+        with simulated(kind, 16, 300, tmp_path, CorruptsAStatementLine):
+            pass
+    assert caught.value.step is not None
+    assert caught.value.step.index == CorruptsAStatementLine.corrupted_at
+    assert f"backend {kind}" in str(caught.value)
+
+
 def test_a_one_sided_posting_breaks_the_zero_sum_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault in `evolve` itself reaches the read models and the replay alike, so it is the
