@@ -121,11 +121,11 @@ class ProjectionRunner:
                 probe = self._probe(conn, projection.name)
                 checkpoint = self._note(projection.name, START if probe is None else
                                         LogPosition(int(probe.txid), int(probe.position)))
+                checkpoint_hash = None if probe is None else probe.checkpoint_hash
+                self._seen[projection.name] = (checkpoint, checkpoint_hash)
                 if probe is not None and (probe.head_txid is None or (
                         probe.head_txid, probe.head_position) <= (probe.txid, probe.position)):
                     return applied
-                checkpoint_hash = None if probe is None else probe.checkpoint_hash
-                self._seen[projection.name] = (checkpoint, checkpoint_hash)
                 page = self.store.read_page(
                     conn, checkpoint, self.page_size,
                     UNSET if probe is None or not self.store.is_postgresql
