@@ -190,10 +190,11 @@ class ProjectionRunner:
     def _lock_checkpoint(self, conn: Connection, name: str) -> LogPosition:
         if conn.dialect.name == "postgresql":
             # Pipelined: the transaction's BEGIN goes with it, one round trip for both.
+            # (Read after the pipeline closes: closing it is the one sync.)
             db = conn.connection.driver_connection
-            with db.pipeline() as pipeline, db.cursor() as cur:
-                cur.execute(_CLAIM_CHECKPOINT_PG_SQL, (name,))
-                pipeline.sync()
+            with db.cursor() as cur:
+                with db.pipeline():
+                    cur.execute(_CLAIM_CHECKPOINT_PG_SQL, (name,))
                 txid, position = cur.fetchone()
             return self._note(name, LogPosition(int(txid), int(position)))
         else:  # the write transaction already holds SQLite's one write lock

@@ -499,13 +499,15 @@ class EventStore:
         """`_lock_streams`, `_stream_heads` and `_allocate_positions` pipelined, with the
         transaction's id (the `txid` its events get): sent together, in that order, and
         answered in one round trip."""
-        with db.pipeline() as pipeline, db.cursor() as locks, db.cursor() as heads_cur, \
-                db.cursor() as positions_cur, db.cursor() as txid_cur:
-            _take_stream_locks(locks, stream_ids)
-            heads_cur.execute(_STREAM_HEADS_PG, (text_array(stream_ids),))
-            positions_cur.execute(_ALLOCATE_POSITIONS_PG, (count,))
-            txid_cur.execute(_CURRENT_TXID_PG)
-            pipeline.sync()
+        with db.cursor() as locks, db.cursor() as heads_cur, db.cursor() as positions_cur, \
+                db.cursor() as txid_cur:
+            # The results are read after the pipeline closes: closing it syncs (a round
+            # trip of its own, so a `sync()` inside the block would cost a second one).
+            with db.pipeline():
+                _take_stream_locks(locks, stream_ids)
+                heads_cur.execute(_STREAM_HEADS_PG, (text_array(stream_ids),))
+                positions_cur.execute(_ALLOCATE_POSITIONS_PG, (count,))
+                txid_cur.execute(_CURRENT_TXID_PG)
             heads = {stream_id: (version, last_hash)
                      for stream_id, version, last_hash in heads_cur.fetchall()}
             new_positions = sorted(int(r[0]) for r in positions_cur.fetchall())

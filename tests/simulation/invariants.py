@@ -14,10 +14,12 @@
   dictionaries record every key `evolve` reads or writes. After a step, the stored rows of
   exactly those keys (accounts, instruments, settlements, marks, positions, trades, margin
   states, risk parameter changes) and the statement lines of the new events are loaded and
-  compared field by field with the fold; balances and positions are compared in full, every
-  row, every step, because they are read in full anyway for the next two checks;
+  compared field by field with the fold; every balance is compared, every step (they are
+  read in full anyway for the next check);
 * every asset's stored balances sum to exactly zero (invariant 3);
-* every instrument's stored positions sum to exactly zero (invariant 4).
+* every instrument's positions net to exactly zero (invariant 4): in the fold, whose rows
+  touched by the step were just compared with the stored ones (every stored row at each
+  full check).
 
 `Checker.full_check` runs `clearing verify` (`verify()`: the append-only guard tried for real,
 the whole hash chain, both zero sums, read models against a full replay, unique keys) and
@@ -175,12 +177,12 @@ class Checker:
             balances = self._rows(conn, _ALL_BALANCES)
             return [RecordedEvent(tuple(row), catalogue, True) for row in new], None, balances
         db = conn.connection.driver_connection
-        with db.pipeline() as pipeline, db.cursor() as events_cur, \
-                db.cursor(row_factory=namedtuple_row) as lines_cur, db.cursor() as balances_cur:
-            events_cur.execute(_NEW_EVENTS, after)
-            lines_cur.execute(_NEW_STATEMENT_LINES, after)
-            balances_cur.execute(_ALL_BALANCES)
-            pipeline.sync()
+        with db.cursor() as events_cur, db.cursor(row_factory=namedtuple_row) as lines_cur, \
+                db.cursor() as balances_cur:
+            with db.pipeline():  # closing it is the one sync: results are read after
+                events_cur.execute(_NEW_EVENTS, after)
+                lines_cur.execute(_NEW_STATEMENT_LINES, after)
+                balances_cur.execute(_ALL_BALANCES)
             new = [RecordedEvent(tuple(row), catalogue, False) for row in events_cur.fetchall()]
             lines = [StatementLine(row.position, row.account_id, row.asset, row.effective_at,
                                    row.type, row.reference, row.amount, row.balance)
