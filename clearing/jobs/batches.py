@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from psycopg import sql as pg_sql
 from sqlalchemy import select, text
 
 from clearing.app import Ledger
@@ -207,7 +208,8 @@ def await_committed_log(ledger: Ledger, timeout_s: float = VISIBILITY_TIMEOUT_S)
         bound = store.visible_bound()
 
 
-_NEWEST_AND_BOUND_PG = f"SELECT (SELECT max(txid) FROM events), ({READ_BOUND_SQL})"
+_NEWEST_AND_BOUND_PG = pg_sql.SQL("SELECT (SELECT max(txid) FROM events), ({})").format(
+    pg_sql.SQL(READ_BOUND_SQL)).as_string(None)
 """The newest transaction whose events are committed and the read bound, in one statement
 (the bound's snapshot is the statement's: an append in flight then, older than the newest,
 holds it down; one finished since is visible to every later read)."""

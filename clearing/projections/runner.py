@@ -56,16 +56,15 @@ database) and the last visible fact of the log, in one query (one-row index prob
 catch-up with nothing to do, the common case, costs this one round trip. Facts still in
 flight cannot hide below a checkpoint: readers stop below the oldest append in flight, so a
 checkpoint is always older than any append not yet committed."""
-_PROBE_CHECKPOINT_PG = f"""
+_PROBE_CHECKPOINT_PG = pg_sql.SQL("""
 SELECT c.txid, c.position, h.txid AS head_txid, h.position AS head_position,
        (SELECT e.hash FROM events e WHERE e.position = c.position) AS checkpoint_hash,
-       CASE WHEN (h.txid, h.position) > (c.txid, c.position) THEN ({READ_BOUND_SQL}) END
-           AS visible_below
+       CASE WHEN (h.txid, h.position) > (c.txid, c.position) THEN ({}) END AS visible_below
 FROM checkpoints c
 LEFT JOIN LATERAL (SELECT txid, position FROM events
                    ORDER BY txid DESC, position DESC LIMIT 1) h ON true
 WHERE c.name = %s
-"""
+""").format(pg_sql.SQL(READ_BOUND_SQL)).as_string(None)
 """`_PROBE_CHECKPOINT` on PostgreSQL, with the read bound (`READ_BOUND_SQL`) when the log
 holds facts past the checkpoint: the page read that follows then needs no query of its own
 for it. The server computes the bound only then (a CASE branch not taken leaves its
