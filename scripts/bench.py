@@ -8,7 +8,9 @@ idempotency checks, stream locks and versions, the hash chain, gap-free log orde
 decoding. Inputs (events, raw rows) are built outside the timed regions on both sides.
 
 The ledger figures (bench_ledger.py) follow: `clear_trades`, a whole trades file through
-`Ledger.import_file` on a second fresh place, against the bare driver appending the same rows;
+`Ledger.import_file` on a second fresh place, against the bare driver appending the same rows,
+and against the bare driver writing every row the import stored (its events and streams and
+the read models' rows: `clear_trades_vs_stored_rows`, the database's limit for that work);
 `rebuild` of that ledger's read models (bench_backoffice.py); the portfolio margin figures,
 pure computation against a bare numpy Black-76 repricing of the same positions (there is no
 database in them, see bench_ledger.py); `eod`, the end-of-day batch over a book of accounts x
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -137,6 +140,12 @@ class Place(Protocol):
     def raw_read_all(self, table: str, page_size: int) -> int: ...
     def raw_stream(self, query: str, page_size: int) -> Iterator[tuple[Any, ...]]: ...
     def settle(self, tables: Sequence[str]) -> None: ...
+    def create_table_like(self, source: str, table: str) -> None: ...
+    def raw_write_tables(self, batches: Sequence[RawBatch]) -> None: ...
+
+
+RawBatch = tuple[str, Sequence[str], Sequence[tuple[Any, ...]]]
+"""A bare table's name, its columns, and the rows to write into it."""
 
 
 def _libpq_params(url: URL) -> dict[str, Any]:
@@ -233,6 +242,25 @@ class PostgresPlace:
             cur.execute(query)
             yield from cur
 
+    def create_table_like(self, source: str, table: str) -> None:
+        """A bare table with `source`'s columns, keys, constraints and indexes (what storing
+        its rows costs the server), without its triggers or grants."""
+        self._raw.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
+            sql.Identifier(table), sql.Identifier(source)))
+        self._raw.commit()
+
+    def raw_write_tables(self, batches: Sequence[RawBatch]) -> None:
+        """COPY (`write_row`, the driver formatting each value) into each table in turn,
+        one transaction and one commit for all of them."""
+        with self._raw.cursor() as cur:
+            for table, columns, rows in batches:
+                statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+                with cur.copy(statement) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+        self._raw.commit()
+
     def settle(self, tables: Sequence[str]) -> None:
         """VACUUM ANALYZE before reading, so hint bits, the visibility map and statistics
         are in the same state for both tables whatever autovacuum happened to reach."""
@@ -308,6 +336,29 @@ class SqlitePlace:
             yield from conn.execute(query)
         finally:
             conn.close()
+
+    def create_table_like(self, source: str, table: str) -> None:
+        """A bare table with `source`'s columns, keys and indexes: its stored CREATE
+        statements with the names changed (SQLite has no CREATE TABLE ... LIKE), triggers
+        left out."""
+        found = self._raw.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL "
+            "AND type IN ('table', 'index') ORDER BY type = 'index'", (source,)).fetchall()
+        as_word = re.compile(rf'"{re.escape(source)}"|(?<![\w"]){re.escape(source)}(?![\w"])')
+        for kind, name, ddl in found:
+            renamed = as_word.sub(f'"{table}"', ddl, count=1)  # the table, or ON <table>
+            if kind == "index":
+                renamed = renamed.replace(name, f"{table}_{name}", 1)
+            self._raw.execute(renamed)
+        self._raw.commit()
+
+    def raw_write_tables(self, batches: Sequence[RawBatch]) -> None:
+        """executemany into each table in turn, one transaction and one commit."""
+        for table, columns, rows in batches:
+            marks = ", ".join("?" * len(columns))
+            self._raw.executemany(
+                f'INSERT INTO "{table}" ({", ".join(columns)}) VALUES ({marks})', rows)
+        self._raw.commit()
 
     def settle(self, tables: Sequence[str]) -> None:
         """Nothing to settle: SQLite keeps no visibility state that a first read must set."""
@@ -603,7 +654,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "append": ("append_batched", "append_copy_raw_reference"),
     "read": ("read_all",),
     "single": ("append_single",),
-    "clear": ("clear_trades", "clear_trades_append_only"),
+    "clear": ("clear_trades", "clear_trades_append_only", "clear_trades_vs_stored_rows"),
     "margin": ("margin_portfolio_batch", "margin_pretrade_p50", "margin_pretrade_p99"),
     "eod": ("eod",),
     "reconcile": ("reconcile_balances",),
@@ -768,6 +819,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Ledger.import_file: parse, decide, append, projections; raw: COPY (PostgreSQL) "
             "or executemany (SQLite) of the same rows in one transaction), "
             "clear_trades_append_only (the store's append within that import, same raw), "
+            "clear_trades_vs_stored_rows (the same import; raw: every row it stored, "
+            "events, streams and read models, written by the bare driver into bare tables "
+            "with the same keys and indexes, one transaction: the database's own limit for "
+            "what clearing must store), "
             "rebuild (ProjectionRunner.rebuild of that ledger, events/s; raw: server-side "
             "cursor over the events + json.loads + COPY of a row per event, a page per "
             "transaction), "
