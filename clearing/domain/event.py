@@ -153,8 +153,11 @@ def canonical_json(value: Any) -> str:
     """Deterministic JSON text: sorted keys, no whitespace, UTF-8 characters kept.
 
     The hash chain and idempotency comparisons depend on the same value always having the same
-    bytes, on every backend and every run.
+    bytes, on every backend and every run. One encoder serves every call: `json.dumps` with
+    these options builds a new one each time, a third of the cost of a fact's metadata.
     """
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
-    )
+    return _CANONICAL.encode(value)
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              default=_json_default)
