@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, bindparam, func, select
 
@@ -33,8 +33,17 @@ from clearing.domain.ledger import LedgerState
 from clearing.projections.runner import ProjectionRunner
 from clearing.store.database import open_database, read_connection
 from clearing.store.errors import IdempotencyConflict
-from clearing.store.eventstore import AppendResult, EventStore, PendingEvent, utc_now
+from clearing.store.eventstore import (
+    AppendResult,
+    EventStore,
+    LogPosition,
+    PendingEvent,
+    utc_now,
+)
 from clearing.store.tables import events
+
+if TYPE_CHECKING:
+    from clearing.projections.kept import _NoHash
 
 
 @dataclass(frozen=True)
@@ -114,12 +123,22 @@ class Ledger:
         """Accounts, instruments and settled symbols from the book this process keeps, when
         it stands where this ledger's last catch-up found the read models (a long-running
         process: the scheduler, a simulation); None otherwise (read them)."""
-        from clearing.projections.kept import LEDGER_CHECKPOINT, reference_at
+        from clearing.projections.kept import NO_HASH, reference_at
 
-        seen = self.runner.last_seen(LEDGER_CHECKPOINT)
-        if seen is None or seen[0] != self.runner.reached(LEDGER_CHECKPOINT):
+        at, at_hash = self._checkpoint_seen()
+        if at_hash is NO_HASH:
             return None
-        return reference_at(self.engine, seen[0], seen[1])
+        return reference_at(self.engine, at, at_hash)
+
+    def _checkpoint_seen(self) -> tuple[LogPosition, str | None | _NoHash]:
+        """Where this ledger's last catch-up left the read models, with the hash of the fact
+        there when the runner saw that fact itself (NO_HASH otherwise: another process moved
+        the checkpoint, and only reading the fact again says which log it belongs to)."""
+        from clearing.projections.kept import LEDGER_CHECKPOINT, NO_HASH
+
+        reached = self.runner.reached(LEDGER_CHECKPOINT)
+        seen = self.runner.last_seen(LEDGER_CHECKPOINT)
+        return reached, seen[1] if seen is not None and seen[0] == reached else NO_HASH
 
     def balance(self, account_id: str, asset: str) -> Decimal:
         with read_connection(self.engine) as conn:
@@ -169,18 +188,14 @@ class Ledger:
         """The ledger's state as of `at`: the read models when nothing recorded is effective
         later, else a replay of the log up to `at` (a job run for a past moment)."""
         from clearing.backoffice.replay import ReplayBounds, replay
-        from clearing.projections.kept import LEDGER_CHECKPOINT, current_state
+        from clearing.projections.kept import current_state
 
         self.refresh()
         with read_connection(self.engine) as conn:
             latest = conn.execute(_LATEST_EFFECTIVE).scalar_one_or_none()
         if latest is not None and latest > at:
             return replay(self.store, ReplayBounds(as_of=at))
-        reached = self.runner.reached(LEDGER_CHECKPOINT)
-        seen = self.runner.last_seen(LEDGER_CHECKPOINT)
-        if seen is not None and seen[0] == reached:
-            return current_state(self.store, reached, seen[1])
-        return current_state(self.store, reached)
+        return current_state(self.store, *self._checkpoint_seen())
 
     def settled_instruments(self) -> set[str]:
         if (known := self._kept_reference()) is not None:
