@@ -33,7 +33,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from clearing.domain.clock import storage_time
 from clearing.domain.events import TradeLeg
 from clearing.domain.instruments import Instrument, InstrumentKind, OptionType
 from clearing.domain.ledger import (
@@ -52,9 +51,7 @@ from clearing.domain.ledger import Fact
 from clearing.domain.risk_parameters import ParameterChange
 from clearing.projections import tables as t
 from clearing.store.copy_text import copy_buffer
-from clearing.store.decimals import ExactDecimal
 from clearing.store.text_arrays import text_array
-from clearing.store.timestamps import UtcTimestamp
 
 KEY_CHUNK = 2_000
 COPY_ROWS_MIN = 50
@@ -296,9 +293,9 @@ def _upsert(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None
 def _write_sqlite(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]],
                   upsert: bool) -> None:
     """SQLite: rows (tuples in the table's column order) inserted, or upserted, through the
-    driver's `executemany` in the caller's transaction, each value stored as the table's
-    column type stores it (`_sqlite_values`). Through SQLAlchemy every row became a dict and
-    every value went through its type's bind processor: half of a big import's catch-up."""
+    driver's `executemany` in the caller's transaction, each value bound by its column's
+    type (`_sqlite_values`). Through SQLAlchemy's execute every row became a dict of
+    parameters processed one by one: half of a big import's catch-up."""
     if rows:
         conn.connection.driver_connection.executemany(
             _sqlite_statement(table, upsert), _sqlite_values(table, rows))
@@ -326,35 +323,26 @@ _SQLITE_QMARK = sqlite_dialect.pysqlite.dialect(paramstyle="qmark")
 
 
 def _sqlite_values(table: Table, rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows with each value as its column's type binds it on SQLite: a decimal as its plain
-    text (`ExactDecimal`), a time as its fixed-width UTC text (`UtcTimestamp`, each distinct
-    time written once), the rest as they are."""
-    decimals, times = _sqlite_conversions(table)
-    written: dict[Any, str] = {}
+    """Rows with each value as its column's type binds it on SQLite (a decimal as its plain
+    text, a time as its fixed-width UTC text): the types' own bind processors, called
+    directly, without SQLAlchemy's per-row parameter handling around them."""
+    converting = _sqlite_binds(table)
     converted = []
     for row in rows:
         values = list(row)
-        for index in decimals:
-            value = values[index]
-            if value is not None:
-                values[index] = format(value, "f")
-        for index in times:
-            value = values[index]
-            if value is not None:
-                text_value = written.get(value)
-                if text_value is None:
-                    text_value = written[value] = storage_time(value)
-                values[index] = text_value
+        for index, bind in converting:
+            values[index] = bind(values[index])
         converted.append(values)
     return converted
 
 
 @lru_cache(maxsize=64)
-def _sqlite_conversions(table: Table) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Which columns of `table` hold decimals and which hold times."""
-    decimals = tuple(i for i, c in enumerate(table.columns) if isinstance(c.type, ExactDecimal))
-    times = tuple(i for i, c in enumerate(table.columns) if isinstance(c.type, UtcTimestamp))
-    return decimals, times
+def _sqlite_binds(table: Table) -> tuple[tuple[int, Callable[[Any], Any]], ...]:
+    """The columns of `table` whose type converts a value before SQLite stores it, with the
+    conversion."""
+    binds = ((index, column.type.dialect_impl(_SQLITE_QMARK).bind_processor(_SQLITE_QMARK))
+             for index, column in enumerate(table.columns))
+    return tuple((index, bind) for index, bind in binds if bind is not None)
 
 
 def _upsert_postgresql(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) -> None:
