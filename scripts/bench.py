@@ -202,13 +202,7 @@ class PostgresPlace:
         self._raw.commit()
 
     def raw_copy_batch(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, RAW_COLUMNS))
-        )
-        with self._raw.cursor() as cur, cur.copy(statement) as copy:
-            for row in rows:
-                copy.write_row(row)
-        self._raw.commit()
+        self.raw_write_tables([(table, RAW_COLUMNS, rows)])
 
     def raw_insert_one(self, table: str, row: tuple[Any, ...]) -> None:
         self._raw.execute(self._insert(table), row)
@@ -304,13 +298,12 @@ class SqlitePlace:
         )
         self._raw.commit()
 
-    def _insert(self, table: str) -> str:
-        marks = ", ".join("?" * len(RAW_COLUMNS))
-        return f'INSERT INTO "{table}" ({", ".join(RAW_COLUMNS)}) VALUES ({marks})'
+    def _insert(self, table: str, columns: Sequence[str] = RAW_COLUMNS) -> str:
+        marks = ", ".join("?" * len(columns))
+        return f'INSERT INTO "{table}" ({", ".join(columns)}) VALUES ({marks})'
 
     def raw_insert_batch(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        self._raw.executemany(self._insert(table), rows)
-        self._raw.commit()
+        self.raw_write_tables([(table, RAW_COLUMNS, rows)])
 
     def raw_copy_batch(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
         raise NotImplementedError("SQLite has no COPY")
@@ -355,9 +348,7 @@ class SqlitePlace:
     def raw_write_tables(self, batches: Sequence[RawBatch]) -> None:
         """executemany into each table in turn, one transaction and one commit."""
         for table, columns, rows in batches:
-            marks = ", ".join("?" * len(columns))
-            self._raw.executemany(
-                f'INSERT INTO "{table}" ({", ".join(columns)}) VALUES ({marks})', rows)
+            self._raw.executemany(self._insert(table, columns), rows)
         self._raw.commit()
 
     def settle(self, tables: Sequence[str]) -> None:
